@@ -1,0 +1,31 @@
+"""celery-gpu: run Celery tasks on GPUs in long-lived, spawned, device-pinned processes."""
+
+from .api import GPU
+from .devices import Device, current_device, discover, parse_memory
+from .errors import (
+    AppNotImportable,
+    CeleryGPUError,
+    DeviceSetupFailed,
+    DeviceSpecError,
+    FrameError,
+    InsufficientDeviceMemory,
+    NotInDeviceProcess,
+)
+from .settings import Settings
+
+__all__ = [
+    "GPU",
+    "Device",
+    "Settings",
+    "current_device",
+    "discover",
+    "parse_memory",
+    "CeleryGPUError",
+    "AppNotImportable",
+    "DeviceSetupFailed",
+    "DeviceSpecError",
+    "FrameError",
+    "InsufficientDeviceMemory",
+    "NotInDeviceProcess",
+]
+__version__ = "0.1.0"

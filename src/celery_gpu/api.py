@@ -1,0 +1,125 @@
+"""The public face: ``gpu = GPU(app)``, ``@gpu.setup``, ``@gpu.task(memory=...)``, ``gpu.device``."""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any, Callable, TypeVar, overload
+
+from celery import Celery, signals
+
+from .devices import Device, current_device, discover, parse_memory
+from .settings import Settings
+
+__all__ = ["GPU", "POOL"]
+
+#: The pool class path Celery loads through ``worker_pool``.
+POOL = "celery_gpu.pool:GPUPool"
+
+SetupHook = Callable[[Device], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_by_app: weakref.WeakKeyDictionary[Celery, GPU] = weakref.WeakKeyDictionary()
+
+
+class GPU:
+    """GPU support for one Celery app.
+
+    Creating it selects the GPU pool for the app's workers (``app.conf.worker_pool``) so that a stock
+    ``celery -A proj worker`` runs tasks in long-lived, device-pinned processes.
+
+    Args:
+        app: the Celery app.
+        import_name: ``"module:attr"`` by which device processes import the app; found automatically
+            when the app is a module-level global (the usual case).
+        devices: default device spec (``all``, ``cpu``, ``0,1``, ``fake:4x16GiB``); ``--gpus`` and
+            ``CELERY_GPU_DEVICES`` override it.
+        per_device: default processes per device; ``--per-gpu`` and ``CELERY_GPU_PER_DEVICE`` override it.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        import_name: str | None = None,
+        devices: str | None = None,
+        per_device: int | None = None,
+    ) -> None:
+        self.app = app
+        self.import_name = import_name
+        self._setup_hooks: list[SetupHook] = []
+        caller = sys._getframe(1).f_globals
+        self._module: str = caller.get("__name__", "__main__")
+        self._module_file: str | None = caller.get("__file__")
+        conf: dict[str, Any] = {"worker_pool": POOL}
+        if devices is not None:
+            conf["gpu_devices"] = devices
+        if per_device is not None:
+            conf["gpu_per_device"] = per_device
+        app.conf.update(conf)
+        _by_app[app] = self
+        signals.worker_init.connect(self._size_worker, weak=False)
+
+    @classmethod
+    def of(cls, app: Celery) -> GPU | None:
+        """The :class:`GPU` created for ``app``, if any."""
+        return _by_app.get(app)
+
+    @property
+    def setup_hooks(self) -> tuple[SetupHook, ...]:
+        """Hooks run once in each device process, in registration order."""
+        return tuple(self._setup_hooks)
+
+    def setup(self, fn: SetupHook) -> SetupHook:
+        """Register ``fn(device)`` to run once per device process before it takes any task.
+
+        Use it to load models (``device.state["model"] = ...``). It has no time limit; if it raises,
+        the error and traceback are logged and the device is marked failed instead of restarted in a loop.
+        """
+        self._setup_hooks.append(fn)
+        return fn
+
+    @overload
+    def task(self, fn: F) -> Any: ...
+
+    @overload
+    def task(self, fn: None = None, *, memory: int | str | None = None, **options: Any) -> Callable[[F], Any]: ...
+
+    def task(self, fn: F | None = None, *, memory: int | str | None = None, **options: Any) -> Any:
+        """Declare a Celery task that runs on a device.
+
+        It is a normal Celery task (``delay``, ``apply_async``, retries, time limits, ``bind=True``); it runs
+        in a device process with ``gpu.device`` set.
+
+        Args:
+            memory: device memory the task needs (bytes or ``"2GiB"``); the pool never places it on a device
+                whose declared memory is taken, and fails it at once if no device of the worker is big enough.
+            **options: any ``app.task`` option.
+        """
+        gpu_memory = 0 if memory is None else parse_memory(memory)
+
+        def decorate(f: F) -> Any:
+            return self.app.task(f, gpu=True, gpu_memory=gpu_memory, **options)
+
+        return decorate(fn) if fn is not None else decorate
+
+    @property
+    def device(self) -> Device:
+        """The device of the current device process (raises :class:`NotInDeviceProcess` elsewhere)."""
+        return current_device()
+
+    def settings(self) -> Settings:
+        """The effective settings for this app (environment over ``app.conf`` over defaults)."""
+        return Settings.from_app(self.app.conf)
+
+    def _size_worker(self, sender: Any = None, **_: Any) -> None:
+        # One message in flight per device process (times the prefetch multiplier): size the worker's
+        # concurrency to the number of slots before the consumer computes its prefetch count.
+        if sender is None or getattr(sender, "app", None) is not self.app:
+            return
+        pool = getattr(sender, "pool_cls", None) or self.app.conf.worker_pool
+        name = pool if isinstance(pool, str) else f"{pool.__module__}:{pool.__qualname__}"
+        if name != POOL:
+            return
+        settings = self.settings()
+        sender.concurrency = len(discover(settings.devices)) * settings.per_device

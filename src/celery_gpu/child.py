@@ -1,0 +1,182 @@
+"""The device process: ``python -m celery_gpu.child``, started by the pool with its device already pinned.
+
+It imports the Celery app, runs the ``@gpu.setup`` hooks once, tells the pool it is ready, then runs one
+task at a time with Celery's own tracer (results stored in the backend from here, as in prefork), and
+answers each with one ``done`` frame. Everything on the pipe is a msgpack frame; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from types import FrameType
+from typing import Any
+
+from .frames import Channel
+
+#: Environment variable carrying the JSON start-up description of a device process.
+SPEC_ENV = "CELERY_GPU_SLOT"
+
+_in_task = False
+_accept_cache: dict[int, Any] = {}
+
+
+def _accept(app: Any) -> Any:
+    from kombu.serialization import prepare_accept_content
+
+    if id(app) not in _accept_cache:
+        _accept_cache[id(app)] = prepare_accept_content(app.conf.accept_content)
+    return _accept_cache[id(app)]
+
+
+def _die_with_parent() -> None:
+    # Linux: the kernel SIGKILLs us when the worker's main process dies, so no device process is orphaned.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:  # pragma: no cover
+            pass
+
+
+def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    if _in_task:  # a late signal after the task ended must not break the next read of the pipe
+        raise SoftTimeLimitExceeded()
+
+
+def _load_module(ref: str) -> Any:
+    if ref.endswith(".py"):  # the app lives in a script run as __main__
+        spec = importlib.util.spec_from_file_location("__mp_main__", ref)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {ref}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["__mp_main__"] = module
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(ref)
+
+
+def import_app(app_ref: str, modules: list[str]) -> Any:
+    """Import the app named ``module:attr`` (or ``/path/file.py:attr``) and the modules defining its tasks."""
+    module_ref, _, attr = app_ref.rpartition(":")
+    app = getattr(_load_module(module_ref), attr)
+    for name in modules:
+        importlib.import_module(name)
+    app.loader.init_worker()
+    app.set_current()
+    app.set_default()
+    app.finalize(auto=True)
+    return app
+
+
+def describe_failure(einfo: Any) -> dict[str, Any]:
+    """Plain-data form of a traced failure (billiard ``ExceptionInfo``) for the ``done`` frame."""
+    from celery.exceptions import Ignore, Reject, Retry
+
+    exc = getattr(einfo.exception, "exc", einfo.exception)
+    kind = "error"
+    if isinstance(exc, Retry):
+        kind = "retry"
+    elif isinstance(exc, Reject):
+        kind = "reject"
+    elif isinstance(exc, Ignore):
+        kind = "ignore"
+    return {
+        "kind": kind,
+        "type": type(exc).__name__,
+        "module": type(exc).__module__,
+        "message": str(exc),
+        "requeue": bool(getattr(exc, "requeue", False)),
+        "traceback": str(einfo.traceback or ""),
+        "internal": bool(getattr(einfo, "internal", False)),
+    }
+
+
+def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
+    """Run one task message through Celery's tracer; return the ``done`` frame."""
+    global _in_task
+    from celery.app.trace import trace_task
+    from kombu.serialization import loads
+
+    request: dict[str, Any] = msg["request"]
+    _in_task = True
+    try:
+        try:
+            args, kwargs, embed = loads(
+                msg["body"], msg["content_type"], msg["content_encoding"],
+                accept=_accept(app),
+            )
+        except Exception as exc:  # a malformed body fails the task by name, it never kills the process
+            from billiard.einfo import ExceptionInfo
+
+            try:
+                raise type(exc)(f"cannot decode the task message: {exc}") from exc
+            except Exception:
+                return {"t": "done", "job": msg["job"], "failed": True, "exc": describe_failure(ExceptionInfo()),
+                        "runtime": 0.0}
+        request.update({"args": args, "kwargs": kwargs, "hostname": hostname, "is_eager": False}, **(embed or {}))
+        retval, info, runtime, rstr = trace_task(
+            app.tasks[msg["name"]], msg["uuid"], args, kwargs, request, app=app, hostname=hostname
+        )
+    finally:
+        _in_task = False
+    if info:
+        return {"t": "done", "job": msg["job"], "failed": True, "exc": describe_failure(retval), "runtime": runtime}
+    return {"t": "done", "job": msg["job"], "failed": False, "retval": rstr, "runtime": runtime}
+
+
+def main() -> None:
+    """Entry point of a device process."""
+    from celery import signals
+
+    from .api import GPU
+    from .devices import Device, _set_current
+
+    spec = json.loads(os.environ.pop(SPEC_ENV))
+    chan = Channel(socket.socket(fileno=spec["fd"]), spec["max_frame"])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the worker's to handle (warm shutdown)
+    signal.signal(signal.SIGUSR1, _on_soft_limit)
+    _die_with_parent()
+    sys.path[:] = spec["sys_path"]
+    device = Device.from_wire(spec["device"])
+    hostname = spec["hostname"]
+    logging.basicConfig(
+        level=spec["loglevel"],
+        format=f"[%(asctime)s: %(levelname)s/{device.label}#{spec['slot']} %(process)d] %(message)s",
+    )
+    started = time.monotonic()
+    try:
+        app = import_app(spec["app"], spec["modules"])
+        _set_current(device)
+        signals.worker_process_init.send(sender=None)
+        gpu = GPU.of(app)
+        for hook in gpu.setup_hooks if gpu else ():
+            hook(device)
+    except BaseException as exc:
+        chan.send({"t": "setup_failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        os._exit(3)
+    chan.send({"t": "ready", "pid": os.getpid(), "setup_s": time.monotonic() - started})
+    while True:
+        try:
+            msg = chan.recv()
+        except EOFError:
+            break
+        if msg.get("t") == "stop":
+            break
+        chan.send(run_task(app, msg, hostname))
+    signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+    chan.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Named errors: every failure a user can meet has its own type and a message that says what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CeleryGPUError",
+    "DeviceSpecError",
+    "NotInDeviceProcess",
+    "InsufficientDeviceMemory",
+    "DeviceSetupFailed",
+    "FrameError",
+    "AppNotImportable",
+]
+
+
+class CeleryGPUError(Exception):
+    """Base class of every error celery-gpu raises."""
+
+
+class DeviceSpecError(CeleryGPUError, ValueError):
+    """A device specification (``--gpus``) names devices that are not there or cannot be parsed."""
+
+
+class NotInDeviceProcess(CeleryGPUError, RuntimeError):
+    """``gpu.device`` was read outside a device process (e.g. in the worker's main process or a client)."""
+
+
+class InsufficientDeviceMemory(CeleryGPUError):
+    """A task declares more memory than any device of this worker has; it can never run here."""
+
+
+class DeviceSetupFailed(CeleryGPUError):
+    """A ``@gpu.setup`` hook raised in a device process; the device is marked failed, not retried in a loop."""
+
+
+class FrameError(CeleryGPUError):
+    """A frame on a device-process pipe is malformed or larger than the configured maximum."""
+
+
+class AppNotImportable(CeleryGPUError):
+    """The device processes cannot find the Celery app by import; pass ``GPU(app, import_name=...)``."""

@@ -1,0 +1,467 @@
+"""GPUPool: a Celery pool whose processes are long-lived, spawned, and pinned to one device each.
+
+Select it with ``app.conf.worker_pool = "celery_gpu.pool:GPUPool"`` (``GPU(app)`` does it). Celery's
+consumer stays in the main process and keeps doing what it does (acks, events, remote control,
+heartbeats); this pool only decides which device process runs each task, and watches them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
+from celery.concurrency.base import BasePool
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.serialization import create_exception_cls
+
+from .api import GPU
+from .devices import Device, discover
+from .errors import AppNotImportable, FrameError, InsufficientDeviceMemory
+from .loop import HubLoop, ThreadLoop, call_safely
+from .settings import Settings
+from .slots import Job, Slot, exit_status
+
+__all__ = ["GPUPool", "locate_app"]
+
+logger = logging.getLogger("celery_gpu.pool")
+TICK = 0.1  # seconds between time-limit and respawn checks
+
+
+def locate_app(app: Any) -> tuple[str, list[str]]:
+    """How a fresh interpreter imports ``app``: ``("module:attr", [modules defining its tasks])``.
+
+    Raises:
+        AppNotImportable: the app is not a global of any imported module.
+    """
+    gpu = GPU.of(app)
+    modules = sorted({
+        type(task).__module__ for task in app.tasks.values()
+        if not type(task).__module__.startswith("celery.")
+    } - {"__main__", "__mp_main__"})
+    if gpu is not None and gpu.import_name:
+        return gpu.import_name, modules
+    names = ([gpu._module] if gpu is not None else []) + [n for n in list(sys.modules) if n != "__main__"]
+    names.append("__main__")
+    for name in names:
+        module = sys.modules.get(name)
+        try:
+            found = [attr for attr, value in vars(module).items() if value is app] if module else []
+        except TypeError:
+            continue
+        if found:
+            if name in ("__main__", "__mp_main__"):
+                path = getattr(module, "__file__", None)
+                if path is None:
+                    break
+                return f"{os.path.abspath(path)}:{found[0]}", modules
+            return f"{name}:{found[0]}", modules
+    raise AppNotImportable(
+        "device processes cannot import this Celery app: make it a module-level global, "
+        "or pass GPU(app, import_name='package.module:app')"
+    )
+
+
+def _einfo(exc: BaseException, remote_traceback: str | None = None, internal: bool = False) -> ExceptionInfo:
+    try:
+        raise exc
+    except BaseException:
+        einfo = ExceptionInfo(internal=internal)
+    if remote_traceback:
+        einfo.traceback = remote_traceback
+        einfo.exception = ExceptionWithTraceback(exc, remote_traceback)
+    return einfo
+
+
+def _remote_exception(d: dict[str, Any]) -> BaseException:
+    # Only Celery's control-flow exceptions are rebuilt as themselves; every other error becomes a class of
+    # the same name and module made here, so nothing from the device process is ever imported or unpickled.
+    kind, message = d["kind"], d["message"]
+    if kind == "retry":
+        return Retry(message)
+    if kind == "reject":
+        return Reject(message, requeue=d["requeue"])
+    if kind == "ignore":
+        return Ignore(message)
+    return create_exception_cls(str(d["type"]), str(d["module"]))(message)  # type: ignore[no-any-return]
+
+
+class GPUPool(BasePool):
+    """Celery pool of device processes: ``per_device`` spawned processes for each device."""
+
+    signal_safe = False
+    is_green = False
+    uses_semaphore = False
+    task_join_will_block = False
+    body_can_be_buffer = True
+
+    def __init__(self, limit: int | None = None, app: Any = None, **options: Any) -> None:
+        super().__init__(limit=limit, app=app, **options)
+        self.settings = Settings.from_app(app.conf if app is not None else None)
+        self.devices: list[Device] = discover(self.settings.devices)
+        self.slots = [Slot(d, k) for d in self.devices for k in range(self.settings.per_device)]
+        self._pending: deque[Job] = deque()
+        self._seq = itertools.count(1)
+        self._reserved = {d.label: 0 for d in self.devices}
+        self._failed: set[str] = set()
+        self._threaded = bool(options.get("threads", True))
+        self._default_soft = options.get("soft_timeout")
+        self._default_hard = options.get("timeout")
+        initargs = options.get("initargs") or ()
+        self._hostname = initargs[1] if len(initargs) > 1 else socket.gethostname()
+        self._loop: HubLoop | ThreadLoop | None = None
+        self._closing = False
+        self._spec: dict[str, Any] = {}
+
+    # -- Celery's pool API ------------------------------------------------------------------------------
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.slots)
+
+    def on_start(self) -> None:
+        app_ref, modules = locate_app(self.app)
+        self._spec = {
+            "app": app_ref, "modules": modules, "sys_path": [os.getcwd(), *sys.path], "hostname": self._hostname,
+            "loglevel": logging.getLogger("celery").getEffectiveLevel(),
+        }
+        logger.info("celery-gpu: %d device process(es) on %s", len(self.slots),
+                    ", ".join(f"{d.label} ({d.name})" for d in self.devices))
+        if self._threaded:
+            self._attach(ThreadLoop())
+        for slot in self.slots:
+            self._spawn(slot)
+        if isinstance(self._loop, ThreadLoop):
+            self._loop.start()
+
+    def register_with_event_loop(self, hub: Any) -> None:
+        self._attach(HubLoop(hub))
+
+    def apply_async(self, target: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Job:
+        """Queue one Celery task (``args`` as Celery's request passes them to its tracer)."""
+        task = self.app.tasks.get(args[0])
+        job = Job(
+            next(self._seq), tuple(args), int(getattr(task, "gpu_memory", 0) or 0),
+            options.get("callback"), options.get("accept_callback"), options.get("error_callback"),
+            options.get("timeout_callback"),
+            options.get("soft_timeout") or self._default_soft, options.get("timeout") or self._default_hard,
+        )
+        assert self._loop is not None, "apply_async before the pool started"
+        self._loop.run(self._submit, job)
+        return job
+
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        """Revoke with terminate: signal the device process running the task (it is then replaced)."""
+        for slot in self.slots:
+            if slot.pid == pid and slot.job is not None:
+                slot.kill(int(signal or _SIGTERM))
+
+    def on_stop(self) -> None:
+        """Warm shutdown: let in-flight tasks finish (up to ``shutdown_timeout``), then stop every process.
+
+        Tasks not yet started stay unacknowledged and return to the broker with the worker's connection.
+        """
+        self._closing = True
+        if isinstance(self._loop, ThreadLoop):
+            self._loop.stop()
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self._drain(lambda: any(s.job is not None for s in self.slots) and time.monotonic() < deadline)
+        for slot in self.slots:
+            if slot.chan is not None and slot.job is None and slot.state in ("idle", "starting"):
+                try:
+                    slot.chan.send({"t": "stop"})
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        self._drain(lambda: any(s.chan is not None for s in self.slots) and time.monotonic() < deadline)
+        self._kill_all()
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: kill every device process now."""
+        self._closing = True
+        if isinstance(self._loop, ThreadLoop):
+            self._loop.stop()
+        self._kill_all()
+
+    def on_close(self) -> None:
+        self._closing = True
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        info.update({
+            "max-concurrency": len(self.slots),
+            "processes": [s.pid for s in self.slots if s.proc is not None],
+            "pending": len(self._pending),
+            "devices": [
+                {
+                    "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,
+                    "reserved_memory": self._reserved[d.label], "failed": d.label in self._failed,
+                    "slots": [s.info() for s in self.slots if s.device is d],
+                }
+                for d in self.devices
+            ],
+        })
+        return info
+
+    # -- placement ---------------------------------------------------------------------------------------
+
+    def _submit(self, job: Job) -> None:
+        live = [d for d in self.devices if d.label not in self._failed]
+        if live and job.memory > max(d.total_memory for d in live):
+            self._reject_at_once(job, InsufficientDeviceMemory(
+                f"task {job.name} declares {job.memory} bytes of device memory; the largest device of this "
+                f"worker has {max(d.total_memory for d in live)}: route it to a worker with bigger GPUs"))
+            return
+        self._pending.append(job)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._closing or not self._pending:
+            return
+        idle = [s for s in self.slots if s.state == "idle"]
+        waiting: deque[Job] = deque()
+        while self._pending and idle:
+            job = self._pending.popleft()
+            slot = self._place(job, idle)
+            if slot is None:
+                waiting.append(job)
+                continue
+            idle.remove(slot)
+            if not self._start(slot, job) and slot.state == "idle":
+                idle.append(slot)
+        waiting.extend(self._pending)
+        self._pending = waiting
+
+    def _place(self, job: Job, idle: list[Slot]) -> Slot | None:
+        """The idle slot whose device has the most undeclared memory, if the job's declaration fits there."""
+        best: Slot | None = None
+        best_free = -1
+        for slot in idle:
+            free = slot.device.total_memory - self._reserved[slot.device.label]
+            if free >= job.memory and free > best_free:
+                best, best_free = slot, free
+        return best
+
+    def _start(self, slot: Slot, job: Job) -> bool:
+        request = getattr(job.accept_callback, "__self__", None)
+        if request is not None and hasattr(request, "revoked") and request.revoked():
+            job.finished = True  # revoked while waiting here: Celery has marked and acked it
+            return False
+        assert slot.chan is not None
+        try:
+            slot.chan.send(job.frame())
+        except FrameError as exc:
+            self._reject_at_once(job, exc)
+            return False
+        except OSError:  # the process just died; its exit is handled by the loop, the job waits for another
+            self._pending.appendleft(job)
+            return False
+        slot.state, slot.job, job.slot = "busy", job, slot
+        self._reserved[slot.device.label] += job.memory
+        job.started = time.monotonic()
+        if job.accept_callback is not None:
+            call_safely(job.accept_callback, slot.pid, job.started)
+        return True
+
+    def _release(self, slot: Slot) -> Job | None:
+        """Detach the slot's job, once: the job's memory declaration is returned to its device."""
+        job, slot.job = slot.job, None
+        if job is None or job.finished:
+            return None
+        job.finished = True
+        self._reserved[slot.device.label] -= job.memory
+        return job
+
+    def _reject_at_once(self, job: Job, exc: BaseException) -> None:
+        # Accepting first acknowledges the message (when not acks_late): a task that can never run here must
+        # not be redelivered to this worker in a loop.
+        job.finished = True
+        if job.accept_callback is not None:
+            call_safely(job.accept_callback, os.getpid(), time.monotonic())
+        if job.error_callback is not None:
+            call_safely(job.error_callback, _einfo(exc))
+
+    # -- device processes --------------------------------------------------------------------------------
+
+    def _attach(self, loop: HubLoop | ThreadLoop) -> None:
+        self._loop = loop
+        for slot in self.slots:
+            if slot.chan is not None:
+                loop.add_reader(slot.chan.fileno(), self._on_readable, slot, slot.chan)
+        loop.call_repeatedly(TICK, self._tick)
+
+    def _spawn(self, slot: Slot) -> None:
+        try:
+            slot.spawn(self._spec, self.settings.max_frame)
+        except OSError as exc:
+            logger.error("celery-gpu: cannot start a process for %s: %s", slot.label, exc)
+            self._schedule_respawn(slot, failed_start=True)
+            return
+        logger.debug("celery-gpu: started %s pid %s", slot.label, slot.pid)
+        if self._loop is not None and slot.chan is not None:
+            self._loop.add_reader(slot.chan.fileno(), self._on_readable, slot, slot.chan)
+
+    def _on_readable(self, slot: Slot, chan: Any) -> None:
+        if slot.chan is not chan:
+            return  # a stale event for a pipe already closed
+        try:
+            msg = chan.recv()
+            if not isinstance(msg, dict):
+                raise FrameError(f"expected a map, got {type(msg).__name__}")
+        except (EOFError, OSError, FrameError) as exc:
+            if isinstance(exc, FrameError):
+                logger.error("celery-gpu: %s sent a bad frame (%s); replacing it", slot.label, exc)
+            self._on_exit(slot)
+            return
+        kind = msg.get("t")
+        if kind == "done":
+            self._on_done(slot, msg)
+        elif kind == "ready":
+            slot.state, slot.pid, slot.start_failures = "idle", int(msg["pid"]), 0
+            logger.info("celery-gpu: %s ready, pid %s (setup %.2fs)", slot.label, slot.pid, msg.get("setup_s", 0))
+            self._dispatch()
+        elif kind == "setup_failed":
+            slot.setup_error = str(msg.get("error"))
+            logger.error("celery-gpu: setup failed in %s (pid %s): %s\n%s", slot.label, slot.pid,
+                         msg.get("error"), msg.get("traceback", ""))
+            self._fail_device(slot.device, f"setup failed: {msg.get('error')}")
+
+    def _on_done(self, slot: Slot, msg: dict[str, Any]) -> None:
+        job = self._release(slot)
+        slot.tasks_done += 1
+        if slot.state == "busy":
+            slot.state = "idle"
+        self._dispatch()  # keep the device busy before spending time on acks and events
+        if job is None or job.seq != msg.get("job") or job.callback is None:
+            return
+        runtime = float(msg.get("runtime") or 0.0)
+        if msg.get("failed"):
+            failure = msg["exc"]
+            einfo = _einfo(_remote_exception(failure), failure.get("traceback"), bool(failure.get("internal")))
+            call_safely(job.callback, (1, einfo, runtime))
+        else:
+            call_safely(job.callback, (0, msg.get("retval"), runtime))
+
+    def _on_exit(self, slot: Slot) -> None:
+        if slot.chan is not None and self._loop is not None:
+            self._loop.remove_reader(slot.chan.fileno())
+        was = slot.state
+        code = slot.reap()
+        job = self._release(slot)
+        if job is not None and job.error_callback is not None:
+            if job.terminated is not None:
+                exc: BaseException = Terminated(-job.terminated)
+            else:
+                exc = WorkerLostError(f"Worker exited prematurely: {exit_status(code)} Job: {job.seq}.")
+            call_safely(job.error_callback, _einfo(exc))
+        if self._closing or was == "failed" or slot.device.label in self._failed:
+            slot.state = "failed" if slot.device.label in self._failed else "stopped"
+            return
+        logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
+                       f" while running {job.name}[{job.task_id}]" if job else "")
+        self._schedule_respawn(slot, failed_start=was == "starting")
+
+    def _schedule_respawn(self, slot: Slot, failed_start: bool) -> None:
+        if failed_start:
+            slot.start_failures += 1
+            if slot.start_failures >= self.settings.start_attempts:
+                self._fail_device(slot.device, f"{slot.start_failures} failed starts in a row")
+                return
+        slot.state = "down"
+        slot.respawn_at = time.monotonic() + (min(30.0, 2.0 ** (slot.start_failures - 1)) if failed_start else 0)
+        if not failed_start:
+            self._spawn(slot)
+
+    def _fail_device(self, device: Device, reason: str) -> None:
+        if device.label in self._failed:
+            return
+        self._failed.add(device.label)
+        logger.error("celery-gpu: device %s marked failed (%s); it takes no more work", device.label, reason)
+        for slot in self.slots:
+            if slot.device is device:
+                slot.state = "failed"
+                slot.kill()
+        live = [d for d in self.devices if d.label not in self._failed]
+        if not live:
+            from celery.worker import state
+
+            logger.critical("celery-gpu: every device failed; stopping the worker (unstarted tasks go back "
+                            "to the broker)")
+            state.should_stop = 1
+            return
+        biggest = max(d.total_memory for d in live)
+        for job in [j for j in self._pending if j.memory > biggest]:
+            self._pending.remove(job)
+            self._reject_at_once(job, InsufficientDeviceMemory(
+                f"task {job.name} declares {job.memory} bytes; no working device of this worker has that much"))
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            job = slot.job
+            if job is not None and not job.finished:
+                if job.soft and not job.soft_sent and now - job.started >= job.soft:
+                    job.soft_sent = True
+                    slot.kill(signal.SIGUSR1)
+                    if job.timeout_callback is not None:
+                        call_safely(job.timeout_callback, True, job.soft)
+                if job.hard and now - job.started >= job.hard:
+                    self._hard_timeout(slot, job)
+            if slot.state == "down" and now >= slot.respawn_at and not self._closing:
+                self._spawn(slot)
+            elif slot.proc is not None and slot.proc.poll() is not None and slot.chan is not None:
+                # Exited without closing its pipe (a grandchild may hold it): read what it sent, then reap it.
+                self._drain(lambda: slot.chan is not None and _readable(slot.chan.fileno()), slots=[slot])
+                if slot.chan is not None:
+                    self._on_exit(slot)
+
+    def _hard_timeout(self, slot: Slot, job: Job) -> None:
+        # As billiard's prefork: fail the task with TimeLimitExceeded, tell the request, kill the process.
+        self._release(slot)
+        if job.error_callback is not None:
+            call_safely(job.error_callback, _einfo(TimeLimitExceeded(job.hard)))
+        if job.timeout_callback is not None:
+            call_safely(job.timeout_callback, False, job.hard)
+        slot.kill(signal.SIGKILL)
+
+    def _drain(self, keep_going: Any, slots: list[Slot] | None = None) -> None:
+        """Read device-process pipes on this thread until ``keep_going()`` is false (shutdown, exit races)."""
+        with selectors.DefaultSelector() as sel:
+            while keep_going():
+                chans = {s.chan: s for s in (slots or self.slots) if s.chan is not None}
+                for key in list(sel.get_map().values()):
+                    sel.unregister(key.fileobj)
+                for chan in chans:
+                    sel.register(chan.fileno(), selectors.EVENT_READ, chan)
+                if not chans:
+                    return
+                for key, _ in sel.select(TICK):
+                    chan = key.data
+                    self._on_readable(chans[chan], chan)
+                if slots is None:
+                    self._tick()
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            slot.kill()
+        for slot in self.slots:
+            if slot.proc is not None or slot.chan is not None:
+                self._on_exit(slot)
+
+
+_SIGTERM = signal.SIGTERM
+
+
+def _readable(fd: int) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(0))

@@ -1,0 +1,71 @@
+"""Settings: one typed object; CLI flags, environment variables and ``app.conf`` map onto it one to one.
+
+Precedence: environment (which the ``celery-gpu worker`` flags set) over ``app.conf`` over defaults.
+
+====================  ===========================  ===============================  =========
+field                 app.conf key                 environment                      default
+====================  ===========================  ===============================  =========
+devices               ``gpu_devices``              ``CELERY_GPU_DEVICES``           ``all``
+per_device            ``gpu_per_device``           ``CELERY_GPU_PER_DEVICE``        ``1``
+max_frame             ``gpu_max_frame``            ``CELERY_GPU_MAX_FRAME``         1 GiB
+start_attempts        ``gpu_start_attempts``       ``CELERY_GPU_START_ATTEMPTS``    ``3``
+shutdown_timeout      ``gpu_shutdown_timeout``     ``CELERY_GPU_SHUTDOWN_TIMEOUT``  ``60``
+====================  ===========================  ===============================  =========
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .devices import parse_memory
+from .frames import MAX_FRAME
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a worker lays out and supervises its device processes.
+
+    Attributes:
+        devices: device spec: ``all``, ``cpu``, ``0,1``, ``fake:4`` or ``fake:4x16GiB``.
+        per_device: device processes (slots) per device.
+        max_frame: largest message (bytes) accepted on a device-process pipe.
+        start_attempts: consecutive failed starts of a slot before its device is marked failed.
+        shutdown_timeout: seconds a warm shutdown waits for in-flight tasks before killing them.
+    """
+
+    devices: str = "all"
+    per_device: int = 1
+    max_frame: int = MAX_FRAME
+    start_attempts: int = 3
+    shutdown_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.per_device < 1:
+            raise ValueError(f"per_device must be >= 1, got {self.per_device}")
+        if self.start_attempts < 1:
+            raise ValueError(f"start_attempts must be >= 1, got {self.start_attempts}")
+
+    @classmethod
+    def from_app(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:
+        """Read the settings from a Celery ``app.conf`` (or any mapping) and the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"CELERY_GPU_{f.name.upper()}")
+            if raw is None and conf is not None:
+                raw = conf.get(f"gpu_{f.name}")
+            if raw is None:
+                continue
+            if f.name == "max_frame":
+                values[f.name] = parse_memory(raw)
+            elif f.type in ("int", int):
+                values[f.name] = int(raw)
+            elif f.type in ("float", float):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = str(raw)
+        return cls(**values)

@@ -1,0 +1,161 @@
+"""Slots and jobs: one slot is one device process; one job is one Celery task handed to the pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any, Callable, Literal
+
+from .child import SPEC_ENV
+from .devices import Device
+from .frames import Channel
+
+__all__ = ["Job", "Slot", "SlotState", "exit_status"]
+
+SlotState = Literal["stopped", "starting", "idle", "busy", "down", "failed"]
+
+
+class Job:
+    """A task in the pool; Celery's request keeps a weak reference to it (``terminate``, ``worker_pids``)."""
+
+    def __init__(
+        self,
+        seq: int,
+        args: tuple[Any, ...],
+        memory: int,
+        callback: Callable[..., Any] | None,
+        accept_callback: Callable[..., Any] | None,
+        error_callback: Callable[..., Any] | None,
+        timeout_callback: Callable[..., Any] | None,
+        soft: float | None,
+        hard: float | None,
+    ) -> None:
+        self.seq = seq
+        self.name, self.task_id, self.request, self.body, self.content_type, self.content_encoding = args
+        self.memory = memory
+        self.callback = callback
+        self.accept_callback = accept_callback
+        self.error_callback = error_callback
+        self.timeout_callback = timeout_callback
+        self.soft = soft or None
+        self.hard = hard or None
+        self.slot: Slot | None = None
+        self.started = 0.0
+        self.soft_sent = False
+        self.finished = False
+        self.terminated: int | None = None
+
+    def frame(self) -> dict[str, Any]:
+        """The ``run`` frame sent to a device process."""
+        body = self.body.tobytes() if isinstance(self.body, memoryview) else self.body
+        return {
+            "t": "run", "job": self.seq, "name": self.name, "uuid": self.task_id, "request": self.request,
+            "body": body, "content_type": self.content_type, "content_encoding": self.content_encoding,
+        }
+
+    def terminate(self, signum: int | None = None) -> None:
+        """Called by Celery when the task is revoked with ``terminate=True``."""
+        self.terminated = int(signum or signal.SIGTERM)
+
+    def worker_pids(self) -> list[int]:
+        """The pid running this job, if it runs."""
+        return [self.slot.pid] if self.slot is not None and self.slot.pid else []
+
+
+class Slot:
+    """One device process (and its pipe) pinned to a device, plus what it is doing now."""
+
+    def __init__(self, device: Device, index: int) -> None:
+        self.device = device
+        self.index = index
+        self.state: SlotState = "stopped"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.chan: Channel | None = None
+        self.pid: int | None = None
+        self.job: Job | None = None
+        self.start_failures = 0
+        self.respawn_at = 0.0
+        self.tasks_done = 0
+        self.setup_error: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``cuda:0#1`` — device and slot index."""
+        return f"{self.device.label}#{self.index}"
+
+    def spawn(self, spec: dict[str, Any], max_frame: int) -> None:
+        """Start a fresh interpreter pinned to this slot's device (``CUDA_VISIBLE_DEVICES`` set before it starts)."""
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = self.device.cuda_visible_devices
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's indices then match NVML's
+        env["CELERY_GPU_DEVICE"] = self.device.label
+        env["CELERY_GPU_SLOT_INDEX"] = str(self.index)
+        env[SPEC_ENV] = json.dumps(
+            dict(spec, fd=theirs.fileno(), device=self.device.to_wire(), slot=self.index, max_frame=max_frame)
+        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery_gpu.child"], env=env, pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                # Own session: a terminal's Ctrl+C or a signal to the worker's process group reaches only the
+                # worker, which then shuts down warm and lets in-flight tasks finish.
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.pid = self.proc.pid
+        self.chan = Channel(ours, max_frame)
+        self.state = "starting"
+        self.setup_error = None
+
+    def reap(self, grace: float = 1.0) -> int | None:
+        """Close the pipe and collect the process (killing it after ``grace`` seconds); its exit status."""
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        try:
+            return proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the process if it is alive."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def info(self) -> dict[str, Any]:
+        """JSON-friendly state for ``celery inspect stats``."""
+        return {
+            "slot": self.index, "pid": self.pid if self.proc is not None else None, "state": self.state,
+            "task": self.job.task_id if self.job is not None else None, "tasks_done": self.tasks_done,
+            "cuda_visible_devices": self.device.cuda_visible_devices,
+            **({"setup_error": self.setup_error} if self.setup_error else {}),
+        }
+
+
+def exit_status(code: int | None) -> str:
+    """Human wording of a process exit code, as in Celery's lost-worker messages."""
+    if code is None:
+        return "unknown exit status"
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exitcode {code}"
+
