@@ -1,0 +1,67 @@
+"""``celery-gpu``: ``worker`` (a Celery worker on the GPU pool) and ``demo`` (the no-server demo)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .devices import discover
+from .errors import DeviceSpecError
+
+__all__ = ["main"]
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="celery-gpu worker",
+        description="Start a Celery worker whose tasks run in device-pinned processes. "
+        "Arguments not listed here go to `celery worker` unchanged.",
+    )
+    parser.add_argument("-A", "--app", required=True, help="the Celery app, as for `celery -A`")
+    parser.add_argument("--gpus", default=os.environ.get("CELERY_GPU_DEVICES", "all"),
+                        help="all | cpu | 0,1 | fake:N[xMEM] (default: all, the CPU when there is no GPU)")
+    parser.add_argument("--per-gpu", type=int, default=int(os.environ.get("CELERY_GPU_PER_DEVICE", "1")),
+                        help="device processes per device (default 1)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        slots = len(discover(args.gpus)) * args.per_gpu
+    except DeviceSpecError as exc:
+        parser.error(str(exc))
+    if args.per_gpu < 1:
+        parser.error("--per-gpu must be >= 1")
+    os.environ["CELERY_GPU_DEVICES"] = args.gpus
+    os.environ["CELERY_GPU_PER_DEVICE"] = str(args.per_gpu)
+    # Celery resolves `--pool custom` through this variable, so the pool is ours even for an app without GPU(app).
+    os.environ["CELERY_CUSTOM_WORKER_POOL"] = "celery_gpu.pool:GPUPool"
+    if not any(a == "-P" or a.startswith("--pool") for a in rest):
+        rest = ["--pool", "custom", *rest]
+    if not any(a == "-c" or a.startswith("--concurrency") for a in rest):
+        rest = ["--concurrency", str(slots), *rest]
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "-A", args.app, "worker", *rest]
+    return int(celery_main() or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``celery-gpu`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="celery-gpu", description="Celery tasks on GPUs, properly.")
+    parser.add_argument("command", choices=["worker", "demo"], help="worker: run a worker; demo: the demo")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "worker":
+        return _worker(rest)
+    if command == "demo":
+        from .demo import run
+
+        return run(rest)
+    parser.parse_args([command])  # prints the usage error
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The demo's Celery app: a small MLP classifier, in torch when it is installed, else in NumPy.
+
+The broker and backend come from ``CELERY_GPU_DEMO_BROKER`` (set by ``celery-gpu demo``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from celery import Celery
+
+from .api import GPU
+from .devices import Device
+
+__all__ = ["app", "gpu", "classify", "LAYERS"]
+
+_url = os.environ.get("CELERY_GPU_DEMO_BROKER", "redis://127.0.0.1:6379/0")
+app = Celery("celery_gpu_demo", broker=_url, backend=_url)
+app.conf.update(
+    task_acks_late=True,
+    worker_prefetch_multiplier=4,
+    result_expires=600,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+gpu = GPU(app)
+
+#: Layer widths of the demo MLP: one 512-float input, ten class scores out.
+LAYERS = (512, 1024, 1024, 10)
+
+
+def _weights() -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        (rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a), np.zeros(b, np.float32))
+        for a, b in zip(LAYERS, LAYERS[1:])
+    ]
+
+
+@gpu.setup
+def load(device: Device) -> None:
+    """Build the model once per device process, on its device."""
+    try:
+        import torch
+    except ImportError:
+        device.state["backend"], device.state["weights"] = "numpy", _weights()
+        return
+    if device.kind != "cuda":
+        torch.set_num_threads(1)  # one process per slot shares the CPU with its siblings
+    layers: list[Any] = []
+    for w, b in _weights():
+        linear = torch.nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w.T.copy()))
+            linear.bias.copy_(torch.from_numpy(b))
+        layers += [linear, torch.nn.ReLU()]
+    device.state["backend"] = "torch"
+    device.state["model"] = torch.nn.Sequential(*layers[:-1]).to(device.torch).eval()
+
+
+@gpu.task
+def classify(x: list[float]) -> dict[str, Any]:
+    """Classify one 512-float input; returns the label, its score and where it ran."""
+    state = gpu.device.state
+    if state["backend"] == "torch":
+        import torch
+
+        with torch.inference_mode():
+            t = torch.tensor(x, dtype=torch.float32, device=gpu.device.torch).reshape(1, -1)
+            scores = state["model"](t)[0].float().cpu().numpy()
+    else:
+        h = np.asarray(x, dtype=np.float32)
+        for i, (w, b) in enumerate(state["weights"]):
+            h = h @ w + b
+            if i < len(state["weights"]) - 1:
+                h = np.maximum(h, 0)
+        scores = h
+    label = int(np.argmax(scores))
+    return {"label": label, "score": float(scores[label]), "backend": state["backend"], "device": gpu.device.label,
+            "pid": os.getpid()}
