@@ -242,14 +242,12 @@ class GPUPool(BasePool):
         self._pending = waiting
 
     def _place(self, job: Job, idle: list[Slot]) -> Slot | None:
-        """The idle slot whose device has the most undeclared memory, if the job's declaration fits there."""
-        best: Slot | None = None
-        best_free = -1
-        for slot in idle:
-            free = slot.device.total_memory - self._reserved[slot.device.label]
-            if free >= job.memory and free > best_free:
-                best, best_free = slot, free
-        return best
+        """Among idle slots whose device has the job's declared memory free: the device with the most free
+        memory, then the slot idle the longest (so work spreads over devices and processes)."""
+        fits = [s for s in idle if s.device.total_memory - self._reserved[s.device.label] >= job.memory]
+        if not fits:
+            return None
+        return max(fits, key=lambda s: (s.device.total_memory - self._reserved[s.device.label], -s.idle_since))
 
     def _start(self, slot: Slot, job: Job) -> bool:
         request = getattr(job.accept_callback, "__self__", None)
@@ -327,6 +325,7 @@ class GPUPool(BasePool):
             self._on_done(slot, msg)
         elif kind == "ready":
             slot.state, slot.pid, slot.start_failures = "idle", int(msg["pid"]), 0
+            slot.idle_since = time.monotonic()
             logger.info("celery-gpu: %s ready, pid %s (setup %.2fs)", slot.label, slot.pid, msg.get("setup_s", 0))
             self._dispatch()
         elif kind == "setup_failed":
@@ -339,7 +338,7 @@ class GPUPool(BasePool):
         job = self._release(slot)
         slot.tasks_done += 1
         if slot.state == "busy":
-            slot.state = "idle"
+            slot.state, slot.idle_since = "idle", time.monotonic()
         self._dispatch()  # keep the device busy before spending time on acks and events
         if job is None or job.seq != msg.get("job") or job.callback is None:
             return

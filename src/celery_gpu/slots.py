@@ -80,6 +80,7 @@ class Slot:
         self.start_failures = 0
         self.respawn_at = 0.0
         self.tasks_done = 0
+        self.idle_since = 0.0
         self.setup_error: str | None = None
 
     @property

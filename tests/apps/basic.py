@@ -1,12 +1,15 @@
-"""A test app: tasks that report where they ran."""
+"""The integration tests' app: tasks that report where they ran and misbehave on purpose."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_gpu import GPU
 
@@ -14,22 +17,23 @@ app = Celery("basic")
 app.conf.update(
     broker_url=os.environ.get("TEST_BROKER", "redis://127.0.0.1:6379/14"),
     result_backend=os.environ.get("TEST_BACKEND", "redis://127.0.0.1:6379/15"),
+    task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
     task_acks_late=True,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
+    result_expires=3600,
 )
 gpu = GPU(app)
-
-SETUP_LOG = os.environ.get("TEST_SETUP_LOG")
 
 
 @gpu.setup
 def load(device: Any) -> None:
     device.state["setup_pid"] = os.getpid()
-    if SETUP_LOG:
-        with open(SETUP_LOG, "a") as f:
+    log = os.environ.get("TEST_SETUP_LOG")
+    if log:
+        with open(log, "a") as f:
             f.write(f"{os.getpid()} {device.label}\n")
-    if os.environ.get("TEST_SETUP_FAIL") == device.label:
+    if os.environ.get("TEST_SETUP_FAIL") in (device.label, "all"):
         raise RuntimeError(f"setup refused on {device.label}")
 
 
@@ -45,6 +49,11 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+@gpu.task(memory="1TiB")
+def too_big() -> None:
+    raise AssertionError("never runs: no device is that big")
+
+
 @gpu.task
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
@@ -56,9 +65,49 @@ def hang() -> None:
     time.sleep(60)
 
 
+@gpu.task(soft_time_limit=0.5)
+def soft() -> str:
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "soft limit caught"
+    return "not interrupted"
+
+
 @gpu.task
 def boom(msg: str) -> None:
     raise ValueError(msg)
+
+
+@gpu.task(bind=True, max_retries=3, default_retry_delay=0)
+def flaky(self: Any, marker: str, fail_times: int) -> int:
+    path = Path(marker)
+    attempts = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(attempts))
+    if attempts <= fail_times:
+        raise self.retry(countdown=0)
+    return attempts
+
+
+@gpu.task(reject_on_worker_lost=True)
+def die_once(marker: str) -> int:
+    """SIGKILLs its own process the first time; acks_late + reject_on_worker_lost redeliver it."""
+    if not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+@gpu.task
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@gpu.task
+def torch_here() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 @app.task
