@@ -115,11 +115,19 @@ class GPU:
     def _size_worker(self, sender: Any = None, **_: Any) -> None:
         # One message in flight per device process (times the prefetch multiplier): size the worker's
         # concurrency to the number of slots before the consumer computes its prefetch count.
+        conf = self.app.conf
         if sender is None or getattr(sender, "app", None) is not self.app:
             return
-        pool = getattr(sender, "pool_cls", None) or self.app.conf.worker_pool
-        name = pool if isinstance(pool, str) else f"{pool.__module__}:{pool.__qualname__}"
-        if name != POOL:
+        from celery.concurrency import get_implementation
+
+        from .pool import GPUPool
+
+        pool: Any = getattr(sender, "pool_cls", None) or conf.worker_pool
+        try:  # any spelling Celery accepts: "pkg.mod:Cls", "pkg.mod.Cls", an alias, the class itself
+            cls = get_implementation(pool) if isinstance(pool, str) else pool
+        except (ImportError, AttributeError, ValueError):
+            return
+        if cls is not GPUPool:
             return
         settings = self.settings()
         sender.concurrency = len(discover(settings.devices)) * settings.per_device

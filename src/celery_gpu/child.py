@@ -34,7 +34,7 @@ def _accept(app: Any) -> Any:
     from kombu.serialization import prepare_accept_content
 
     if id(app) not in _accept_cache:
-        _accept_cache[id(app)] = prepare_accept_content(app.conf.accept_content)
+        _accept_cache[id(app)] = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
     return _accept_cache[id(app)]
 
 
@@ -95,7 +95,7 @@ def describe_failure(einfo: Any) -> dict[str, Any]:
         "kind": kind,
         "type": type(exc).__name__,
         "module": type(exc).__module__,
-        "message": str(exc),
+        "message": str(exc.reason) if kind == "reject" else str(exc),
         "requeue": bool(getattr(exc, "requeue", False)),
         "traceback": str(einfo.traceback or ""),
         "internal": bool(getattr(einfo, "internal", False)),
@@ -112,7 +112,7 @@ def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
     _in_task = True
     try:
         try:
-            args, kwargs, embed = loads(
+            args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
                 msg["body"], msg["content_type"], msg["content_encoding"],
                 accept=_accept(app),
             )

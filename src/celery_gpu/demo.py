@@ -91,8 +91,9 @@ def run(argv: list[str]) -> int:
         rng = np.random.default_rng(1)
         inputs = rng.standard_normal((args.items, 512), dtype=np.float32)
         first = _first_result(classify.delay(inputs[0].tolist()), worker)
-        stats = app.control.inspect(timeout=5).stats() or {}
-        pool = next(iter(stats.values()), {}).get("pool", {})
+        stats: dict[str, Any] = app.control.inspect(timeout=5).stats() or {}
+        worker_stats: dict[str, Any] = next(iter(stats.values()), {})
+        pool: dict[str, Any] = worker_stats.get("pool", {})
         devices = [d["device"] for d in pool.get("devices", [])]
         print(f"worker up: {len(pool.get('processes', []))} device process(es) on {', '.join(devices)}; "
               f"backend {first['backend']}", file=sys.stderr)

@@ -43,7 +43,10 @@ def parse_memory(value: int | str) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"not a memory size: {value!r} (use e.g. 2GiB, 512MB or a byte count)")
-    return int(float(match.group(1)) * _UNITS[unit])
+    size = float(match.group(1)) * _UNITS[unit]
+    if size >= 2**63:
+        raise ValueError(f"memory size too large: {value!r}")
+    return int(size)
 
 
 @dataclass
@@ -128,10 +131,10 @@ def _nvml_gpus() -> list[Device]:
 
 def _fake(spec: str) -> list[Device]:
     body = spec[len("fake:"):]
-    count_s, _, mem_s = body.partition("x")
+    count_s, sep, mem_s = body.partition("x")
     try:
         count = int(count_s)
-        memory = parse_memory(mem_s) if mem_s else DEFAULT_FAKE_MEMORY
+        memory = parse_memory(mem_s) if sep else DEFAULT_FAKE_MEMORY
     except ValueError:
         raise DeviceSpecError(f"bad fake device spec {spec!r}: use fake:N or fake:NxMEM, e.g. fake:4x16GiB") from None
     if count < 1:

@@ -26,6 +26,7 @@ from celery.utils.serialization import create_exception_cls
 
 from .api import GPU
 from .devices import Device, discover
+from .frames import Channel
 from .errors import AppNotImportable, FrameError, InsufficientDeviceMemory
 from .loop import HubLoop, ThreadLoop, call_safely
 from .settings import Settings
@@ -86,16 +87,19 @@ def _remote_exception(d: dict[str, Any]) -> BaseException:
     # Only Celery's control-flow exceptions are rebuilt as themselves; every other error becomes a class of
     # the same name and module made here, so nothing from the device process is ever imported or unpickled.
     kind, message = d["kind"], d["message"]
+    exc: BaseException
     if kind == "retry":
-        return Retry(message)
-    if kind == "reject":
-        return Reject(message, requeue=d["requeue"])
-    if kind == "ignore":
-        return Ignore(message)
-    return create_exception_cls(str(d["type"]), str(d["module"]))(message)  # type: ignore[no-any-return]
+        exc = Retry(message)
+    elif kind == "reject":
+        exc = Reject(message, requeue=d["requeue"])
+    elif kind == "ignore":
+        exc = Ignore(message)
+    else:
+        exc = create_exception_cls(str(d["type"]), str(d["module"]))(message)
+    return exc
 
 
-class GPUPool(BasePool):
+class GPUPool(BasePool):  # type: ignore[misc]
     """Celery pool of device processes: ``per_device`` spawned processes for each device."""
 
     signal_safe = False
@@ -116,7 +120,7 @@ class GPUPool(BasePool):
         self._threaded = bool(options.get("threads", True))
         self._default_soft = options.get("soft_timeout")
         self._default_hard = options.get("timeout")
-        initargs = options.get("initargs") or ()
+        initargs: tuple[Any, ...] = tuple(options.get("initargs") or ())
         self._hostname = initargs[1] if len(initargs) > 1 else socket.gethostname()
         self._loop: HubLoop | ThreadLoop | None = None
         self._closing = False
@@ -196,7 +200,7 @@ class GPUPool(BasePool):
         self._closing = True
 
     def _get_info(self) -> dict[str, Any]:
-        info = super()._get_info()
+        info: dict[str, Any] = super()._get_info()
         info.update({
             "max-concurrency": len(self.slots),
             "processes": [s.pid for s in self.slots if s.proc is not None],
@@ -308,7 +312,7 @@ class GPUPool(BasePool):
         if self._loop is not None and slot.chan is not None:
             self._loop.add_reader(slot.chan.fileno(), self._on_readable, slot, slot.chan)
 
-    def _on_readable(self, slot: Slot, chan: Any) -> None:
+    def _on_readable(self, slot: Slot, chan: Channel) -> None:
         if slot.chan is not chan:
             return  # a stale event for a pipe already closed
         try:

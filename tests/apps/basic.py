@@ -113,3 +113,14 @@ def torch_here() -> str:
 @app.task
 def plain(x: int) -> int:
     return x * 2
+
+
+@gpu.task
+def cuda_info() -> dict[str, Any]:
+    """GPU tests: what this device process sees of CUDA."""
+    import torch
+
+    x = torch.ones(256, 256, device=gpu.device.torch)
+    return {"device_count": torch.cuda.device_count(), "tensor_device": str((x @ x).device),
+            "label": gpu.device.label, "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "name": torch.cuda.get_device_name(0)}

@@ -1,0 +1,41 @@
+"""Real-GPU tests: run only where NVML sees a CUDA GPU and torch has CUDA (skipped elsewhere).
+
+They start a real worker with ``--gpus all`` and check pinning, that tasks really run on the GPU, and that the
+worker's main process never maps the CUDA driver.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from celery_gpu.devices import discover
+from tests.brokers import make
+from tests.worker import Worker
+
+GPUS = [d for d in discover("all") if d.kind == "cuda"]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not GPUS, reason="no CUDA GPU (NVML found none)"),
+    pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed"),
+]
+T = "tests.apps.basic."
+
+
+def test_each_gpu_process_is_pinned_and_computes_on_its_gpu(embedded_url: str, tmp_path: Path) -> None:
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="all", per_device=2).start()
+    try:
+        w.wait_ready(timeout=180)
+        results = [w.app.send_task(T + "cuda_info").get(timeout=120) for _ in range(8 * len(GPUS))]
+        for r in results:
+            assert r["device_count"] == 1, r  # the process sees exactly its own GPU
+            assert r["tensor_device"] == "cuda:0"
+        pinned = {(r["label"], r["cvd"]) for r in results}
+        assert pinned <= {(g.label, str(g.index)) for g in GPUS}
+        assert w.proc is not None
+        maps = Path(f"/proc/{w.proc.pid}/maps").read_text()
+        assert "libcuda" not in maps and "libtorch" not in maps, "the main process must never touch CUDA"
+    finally:
+        assert w.stop() == 0, w.log()

@@ -1,0 +1,48 @@
+"""Fixtures shared by the unit tests: isolated Celery apps and no global state leaking between tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from celery import Celery, _state, signals
+
+from celery_gpu import devices
+
+_app_ids = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Undo what GPU(app) and @app.task register process-wide, reset the current device, clear env overrides."""
+    for name in list(os.environ):
+        if name.startswith("CELERY_GPU_"):
+            monkeypatch.delenv(name)
+    sig = signals.worker_init
+    receivers = list(sig.receivers)
+    finalizers = set(_state._on_app_finalizers)
+    current = devices._current
+    try:
+        yield
+    finally:
+        with sig.lock:
+            sig.receivers[:] = receivers
+            sig.sender_receivers_cache.clear()
+        _state._on_app_finalizers.clear()
+        _state._on_app_finalizers.update(finalizers)
+        devices._set_current(current)
+
+
+@pytest.fixture
+def make_app() -> Callable[..., Celery]:
+    """Factory of Celery apps with unique main names that never become the current/default app."""
+
+    def make(**conf: object) -> Celery:
+        app = Celery(f"celery_gpu_unit_{next(_app_ids)}", set_as_current=False)
+        if conf:
+            app.conf.update(conf)
+        return app
+
+    return make
