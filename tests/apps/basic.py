@@ -23,6 +23,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     result_expires=3600,
 )
+if os.environ.get("TEST_FS_DIR"):  # kombu's filesystem transport: no event loop, the pool runs its own thread
+    _fs = os.environ["TEST_FS_DIR"]
+    app.conf.broker_transport_options = {"data_folder_in": _fs, "data_folder_out": _fs, "polling_interval": 0.05}
 gpu = GPU(app)
 
 
