@@ -9,6 +9,7 @@ from .errors import (
     DeviceSpecError,
     FrameError,
     InsufficientDeviceMemory,
+    MalformedTaskMessage,
     NotInDeviceProcess,
 )
 from .settings import Settings
@@ -26,6 +27,7 @@ __all__ = [
     "DeviceSpecError",
     "FrameError",
     "InsufficientDeviceMemory",
+    "MalformedTaskMessage",
     "NotInDeviceProcess",
 ]
 __version__ = "0.1.0"

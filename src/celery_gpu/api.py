@@ -99,6 +99,7 @@ class GPU:
         gpu_memory = 0 if memory is None else parse_memory(memory)
 
         def decorate(f: F) -> Any:
+            options.setdefault("Strategy", "celery_gpu.strategy:guarded")
             return self.app.task(f, gpu=True, gpu_memory=gpu_memory, **options)
 
         return decorate(fn) if fn is not None else decorate

@@ -10,6 +10,7 @@ __all__ = [
     "DeviceSetupFailed",
     "FrameError",
     "AppNotImportable",
+    "MalformedTaskMessage",
 ]
 
 
@@ -35,6 +36,10 @@ class DeviceSetupFailed(CeleryGPUError):
 
 class FrameError(CeleryGPUError):
     """A frame on a device-process pipe is malformed or larger than the configured maximum."""
+
+
+class MalformedTaskMessage(CeleryGPUError):
+    """A task message's body is not ``[args, kwargs, embed]``; it is discarded and its result set to this."""
 
 
 class AppNotImportable(CeleryGPUError):

@@ -36,6 +36,7 @@ def load(device: Any) -> None:
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {device.label}\n")
+    time.sleep(float(os.environ.get("TEST_SETUP_SLEEP", "0")))  # a slow model load: no time limit applies
     if os.environ.get("TEST_SETUP_FAIL") in (device.label, "all"):
         raise RuntimeError(f"setup refused on {device.label}")
 
@@ -55,6 +56,11 @@ def add(x: int, y: int) -> int:
 @gpu.task(memory="1TiB")
 def too_big() -> None:
     raise AssertionError("never runs: no device is that big")
+
+
+@gpu.task
+def size(blob: str) -> int:
+    return len(blob)
 
 
 @gpu.task

@@ -1,0 +1,69 @@
+"""A failing ``@gpu.setup`` marks its device failed once, not in a loop; with every device failed the worker exits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import make
+from tests.worker import Worker, wait_until
+
+pytestmark = pytest.mark.broker
+T = "tests.apps.basic."
+
+
+def test_failed_setup_marks_device_failed_others_keep_working(embedded_url: str, tmp_path: Path) -> None:
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2",
+               extra_env={"TEST_SETUP_FAIL": "fake:1"}).start()
+    app = w.app
+    try:
+        pool = w.wait_ready()
+        assert [d["failed"] for d in pool["devices"]] == [False, True]
+        devices = {app.send_task(T + "where", args=[i]).get(timeout=30)["device"] for i in range(20)}
+        assert devices == {"fake:0"}
+        lines = w.setup_log.read_text().splitlines()
+        assert sum(line.endswith("fake:1") for line in lines) == 1, lines  # tried once, not looped
+        assert "setup refused on fake:1" in w.log()
+    finally:
+        assert w.stop() == 0, w.log()
+
+
+def test_worker_exits_when_every_device_fails(embedded_url: str, tmp_path: Path) -> None:
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2",
+               extra_env={"TEST_SETUP_FAIL": "all"}).start()
+    assert w.proc is not None
+    assert wait_until(lambda: w.proc.poll() is not None, 60), w.log()  # type: ignore[union-attr]
+    assert w.proc.returncode != 0
+    assert "every device failed" in w.log()
+
+
+def test_slow_setup_has_no_time_limit_and_bad_input_fails_by_name(embedded_url: str, tmp_path: Path) -> None:
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:1",
+               extra_env={"TEST_SETUP_SLEEP": "6", "CELERY_GPU_MAX_FRAME": "1MiB"}).start()
+    try:
+        # Slower than worker_process_init's 4 s budget: still comes up and runs tasks.
+        pid = w.app.send_task(T + "where", args=[1]).get(timeout=60)["pid"]
+
+        # A payload over the frame limit fails with a named error; nothing is lost or crashed.
+        with pytest.raises(Exception) as info:
+            w.app.send_task(T + "size", args=["x" * (2 << 20)]).get(timeout=30)
+        assert type(info.value).__name__ == "FrameError" and "exceeds the maximum" in str(info.value)
+        assert w.app.send_task(T + "size", args=["x" * 1000]).get(timeout=30) == 1000
+
+        # Valid JSON that is not a task body ([args, kwargs, embed]): the task fails by name, the process lives on.
+        # (A body that is not JSON at all never reaches the pool: Celery's consumer rejects it on receipt.)
+        task_id = "malformed-" + w.queue
+        with w.app.producer_or_acquire() as producer:
+            producer.publish(
+                b"[1, 2]", routing_key=w.queue, exchange="", content_type="application/json",
+                content_encoding="utf-8", serializer=None,
+                headers={"lang": "py", "task": T + "where", "id": task_id, "root_id": task_id, "retries": 0,
+                         "argsrepr": "()", "kwargsrepr": "{}", "origin": "test", "ignore_result": False},
+            )
+        with pytest.raises(Exception) as info:
+            w.app.AsyncResult(task_id).get(timeout=30)
+        assert type(info.value).__name__ == "MalformedTaskMessage" and "[args, kwargs, embed]" in str(info.value)
+        assert w.app.send_task(T + "where", args=[2]).get(timeout=30)["pid"] == pid
+    finally:
+        assert w.stop() == 0, w.log()
