@@ -18,7 +18,7 @@ class Worker:
     """A worker subprocess running ``tests.apps.basic`` on its own queue."""
 
     def __init__(self, broker: Any, tmp: Path, devices: str = "fake:4", per_device: int = 1,
-                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), cli: bool = False) -> None:
         self.queue = f"q-{uuid.uuid4().hex[:10]}"
         self.name = f"{self.queue}@test"
         self.log_path = tmp / f"{self.queue}.log"
@@ -30,14 +30,20 @@ class Worker:
             **(extra_env or {}),
         )
         self.args = args
+        self.cli = cli
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
         self.app = self.client()
 
     def start(self) -> Worker:
         self._log = open(self.log_path, "wb")
+        if self.cli:  # `celery-gpu worker --gpus ... --per-gpu ...`, the project's own command
+            command = ["-m", "celery_gpu.cli", "worker", "-A", "tests.apps.basic",
+                       "--gpus", self.env.pop("CELERY_GPU_DEVICES"), "--per-gpu", self.env.pop("CELERY_GPU_PER_DEVICE")]
+        else:  # the stock `celery worker`: GPU(app) selects the pool
+            command = ["-m", "celery", "-A", "tests.apps.basic", "worker"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.apps.basic", "worker", "-l", "info", "-n", self.name,
+            [sys.executable, *command, "-l", "info", "-n", self.name,
              "-Q", self.queue, "--without-mingle", "--without-gossip", *self.args],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

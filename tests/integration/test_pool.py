@@ -150,8 +150,10 @@ def test_inspect_active_and_stats_show_device_processes(worker: Worker) -> None:
     assert wait_until(lambda: worker.active_ids() == {result.id}, 10)
     active = worker.app.control.inspect([worker.name]).active()[worker.name]
     assert active[0]["worker_pid"] in pids.values()
-    pool = worker.pool_stats(worker.app)
-    assert pool is not None and pool["max-concurrency"] == 4
+    stats = worker.app.control.inspect([worker.name]).stats()[worker.name]
+    pool = stats["pool"]
+    assert pool["max-concurrency"] == 4
+    assert stats["prefetch_count"] == 4, "prefetch = device processes x worker_prefetch_multiplier (1)"
     assert [d["device"] for d in pool["devices"]] == [f"fake:{i}" for i in range(4)]
     assert [d["slots"][0]["cuda_visible_devices"] for d in pool["devices"]] == ["0", "1", "2", "3"]
     assert any(s["task"] == result.id for d in pool["devices"] for s in d["slots"])
