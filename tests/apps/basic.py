@@ -25,7 +25,8 @@ app.conf.update(
 )
 if os.environ.get("TEST_FS_DIR"):  # kombu's filesystem transport: no event loop, the pool runs its own thread
     _fs = os.environ["TEST_FS_DIR"]
-    app.conf.broker_transport_options = {"data_folder_in": _fs, "data_folder_out": _fs, "polling_interval": 0.05}
+    app.conf.broker_transport_options = {"data_folder_in": _fs, "data_folder_out": _fs, "control_folder": _fs,
+                                         "polling_interval": 0.05}
 gpu = GPU(app)
 
 

@@ -20,7 +20,8 @@ def test_pool_thread_runs_tasks_limits_and_respawns(embedded_url: str, tmp_path:
     queue_dir.mkdir()
     w = Worker(Broker("filesystem", "filesystem://", embedded_url), tmp_path, devices="fake:2",
                extra_env={"TEST_FS_DIR": str(queue_dir)}, args=("--without-heartbeat",))
-    w.app.conf.broker_transport_options = {"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir)}
+    w.app.conf.broker_transport_options = {"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
+                                           "control_folder": str(queue_dir)}
     w.start()
     try:
         results = [w.app.send_task(T + "where", args=[i]) for i in range(40)]
