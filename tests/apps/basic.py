@@ -54,6 +54,12 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+@gpu.task(memory="1GiB")
+def hold(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
 @gpu.task(memory="1TiB")
 def too_big() -> None:
     raise AssertionError("never runs: no device is that big")
