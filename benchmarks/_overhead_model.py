@@ -30,7 +30,7 @@ def build_model() -> Any:
     torch.set_num_threads(1)
     torch.manual_seed(MODEL_SEED)
     layers: list[torch.nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(WIDTHS, WIDTHS[1:])):
+    for i, (n_in, n_out) in enumerate(zip(WIDTHS, WIDTHS[1:], strict=False)):
         layers.append(torch.nn.Linear(n_in, n_out))
         if i < len(WIDTHS) - 2:
             layers.append(torch.nn.ReLU())

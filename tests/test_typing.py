@@ -1,4 +1,4 @@
-"""The package is mypy-clean (strict) and the public API type-checks in user code."""
+"""Static checks: the package is mypy-clean (strict), the public API type-checks in user code, ruff is clean."""
 
 from __future__ import annotations
 
@@ -40,4 +40,11 @@ def test_package_and_user_code_are_mypy_clean(tmp_path: Path) -> None:
          str(ROOT / "src" / "celery_gpu"), str(user)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed")
+def test_ruff_is_clean() -> None:
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -8,8 +8,6 @@ answers each with one ``done`` frame. Everything on the pipe is a msgpack frame;
 from __future__ import annotations
 
 import ctypes
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -21,7 +19,9 @@ import traceback
 from types import FrameType
 from typing import Any
 
+from .failures import describe_failure
 from .frames import Channel
+from .imports import import_app
 
 #: Environment variable carrying the JSON start-up description of a device process.
 SPEC_ENV = "CELERY_GPU_SLOT"
@@ -52,54 +52,6 @@ def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
 
     if _in_task:  # a late signal after the task ended must not break the next read of the pipe
         raise SoftTimeLimitExceeded()
-
-
-def _load_module(ref: str) -> Any:
-    if ref.endswith(".py"):  # the app lives in a script run as __main__
-        spec = importlib.util.spec_from_file_location("__mp_main__", ref)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {ref}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["__mp_main__"] = module
-        spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(ref)
-
-
-def import_app(app_ref: str, modules: list[str]) -> Any:
-    """Import the app named ``module:attr`` (or ``/path/file.py:attr``) and the modules defining its tasks."""
-    module_ref, _, attr = app_ref.rpartition(":")
-    app = getattr(_load_module(module_ref), attr)
-    for name in modules:
-        importlib.import_module(name)
-    app.loader.init_worker()
-    app.set_current()
-    app.set_default()
-    app.finalize(auto=True)
-    return app
-
-
-def describe_failure(einfo: Any) -> dict[str, Any]:
-    """Plain-data form of a traced failure (billiard ``ExceptionInfo``) for the ``done`` frame."""
-    from celery.exceptions import Ignore, Reject, Retry
-
-    exc = getattr(einfo.exception, "exc", einfo.exception)
-    kind = "error"
-    if isinstance(exc, Retry):
-        kind = "retry"
-    elif isinstance(exc, Reject):
-        kind = "reject"
-    elif isinstance(exc, Ignore):
-        kind = "ignore"
-    return {
-        "kind": kind,
-        "type": type(exc).__name__,
-        "module": type(exc).__module__,
-        "message": str(exc.reason) if kind == "reject" else str(exc),
-        "requeue": bool(getattr(exc, "requeue", False)),
-        "traceback": str(einfo.traceback or ""),
-        "internal": bool(getattr(einfo, "internal", False)),
-    }
 
 
 def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:

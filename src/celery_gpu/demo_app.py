@@ -35,7 +35,7 @@ def _weights() -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
     return [
         (rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a), np.zeros(b, np.float32))
-        for a, b in zip(LAYERS, LAYERS[1:])
+        for a, b in zip(LAYERS, LAYERS[1:], strict=False)
     ]
 
 

@@ -10,7 +10,8 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["HubLoop", "ThreadLoop"]
 

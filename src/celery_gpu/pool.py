@@ -18,85 +18,22 @@ import time
 from collections import deque
 from typing import Any
 
-from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.concurrency.base import BasePool
-from celery.exceptions import Ignore, Reject, Retry
-from celery.utils.serialization import create_exception_cls
 
-from .api import GPU
 from .devices import Device, discover
+from .errors import FrameError, InsufficientDeviceMemory
+from .failures import rebuild_einfo, rebuild_exception
 from .frames import Channel
-from .errors import AppNotImportable, FrameError, InsufficientDeviceMemory
+from .imports import locate_app
 from .loop import HubLoop, ThreadLoop, call_safely
 from .settings import Settings
 from .slots import Job, Slot, exit_status
 
-__all__ = ["GPUPool", "locate_app"]
+__all__ = ["GPUPool"]
 
 logger = logging.getLogger("celery_gpu.pool")
 TICK = 0.1  # seconds between time-limit and respawn checks
-
-
-def locate_app(app: Any) -> tuple[str, list[str]]:
-    """How a fresh interpreter imports ``app``: ``("module:attr", [modules defining its tasks])``.
-
-    Raises:
-        AppNotImportable: the app is not a global of any imported module.
-    """
-    gpu = GPU.of(app)
-    modules = sorted({
-        type(task).__module__ for task in app.tasks.values()
-        if not type(task).__module__.startswith("celery.")
-    } - {"__main__", "__mp_main__"})
-    if gpu is not None and gpu.import_name:
-        return gpu.import_name, modules
-    names = ([gpu._module] if gpu is not None else []) + [n for n in list(sys.modules) if n != "__main__"]
-    names.append("__main__")
-    for name in names:
-        module = sys.modules.get(name)
-        try:
-            found = [attr for attr, value in vars(module).items() if value is app] if module else []
-        except TypeError:
-            continue
-        if found:
-            if name in ("__main__", "__mp_main__"):
-                path = getattr(module, "__file__", None)
-                if path is None:
-                    break
-                return f"{os.path.abspath(path)}:{found[0]}", modules
-            return f"{name}:{found[0]}", modules
-    raise AppNotImportable(
-        "device processes cannot import this Celery app: make it a module-level global, "
-        "or pass GPU(app, import_name='package.module:app')"
-    )
-
-
-def _einfo(exc: BaseException, remote_traceback: str | None = None, internal: bool = False) -> ExceptionInfo:
-    try:
-        raise exc
-    except BaseException:
-        einfo = ExceptionInfo(internal=internal)
-    if remote_traceback:
-        einfo.traceback = remote_traceback
-        einfo.exception = ExceptionWithTraceback(exc, remote_traceback)
-    return einfo
-
-
-def _remote_exception(d: dict[str, Any]) -> BaseException:
-    # Only Celery's control-flow exceptions are rebuilt as themselves; every other error becomes a class of
-    # the same name and module made here, so nothing from the device process is ever imported or unpickled.
-    kind, message = d["kind"], d["message"]
-    exc: BaseException
-    if kind == "retry":
-        exc = Retry(message)
-    elif kind == "reject":
-        exc = Reject(message, requeue=d["requeue"])
-    elif kind == "ignore":
-        exc = Ignore(message)
-    else:
-        exc = create_exception_cls(str(d["type"]), str(d["module"]))(message)
-    return exc
 
 
 class GPUPool(BasePool):  # type: ignore[misc]
@@ -290,7 +227,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if job.accept_callback is not None:
             call_safely(job.accept_callback, os.getpid(), time.monotonic())
         if job.error_callback is not None:
-            call_safely(job.error_callback, _einfo(exc))
+            call_safely(job.error_callback, rebuild_einfo(exc))
 
     # -- device processes --------------------------------------------------------------------------------
 
@@ -349,7 +286,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         runtime = float(msg.get("runtime") or 0.0)
         if msg.get("failed"):
             failure = msg["exc"]
-            einfo = _einfo(_remote_exception(failure), failure.get("traceback"), bool(failure.get("internal")))
+            einfo = rebuild_einfo(rebuild_exception(failure), failure.get("traceback"), bool(failure.get("internal")))
             call_safely(job.callback, (1, einfo, runtime))
         else:
             call_safely(job.callback, (0, msg.get("retval"), runtime))
@@ -365,7 +302,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
                 exc: BaseException = Terminated(-job.terminated)
             else:
                 exc = WorkerLostError(f"Worker exited prematurely: {exit_status(code)} Job: {job.seq}.")
-            call_safely(job.error_callback, _einfo(exc))
+            call_safely(job.error_callback, rebuild_einfo(exc))
         if self._closing or was == "failed" or slot.device.label in self._failed:
             slot.state = "failed" if slot.device.label in self._failed else "stopped"
             return
@@ -423,7 +360,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
                 self._spawn(slot)
             elif slot.proc is not None and slot.proc.poll() is not None and slot.chan is not None:
                 # Exited without closing its pipe (a grandchild may hold it): read what it sent, then reap it.
-                self._drain(lambda: slot.chan is not None and _readable(slot.chan.fileno()), slots=[slot])
+                self._drain(lambda s=slot: s.chan is not None and _readable(s.chan.fileno()), slots=[slot])
                 if slot.chan is not None:
                     self._on_exit(slot)
 
@@ -431,7 +368,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         # As billiard's prefork: fail the task with TimeLimitExceeded, tell the request, kill the process.
         self._release(slot)
         if job.error_callback is not None:
-            call_safely(job.error_callback, _einfo(TimeLimitExceeded(job.hard)))
+            call_safely(job.error_callback, rebuild_einfo(TimeLimitExceeded(job.hard)))
         if job.timeout_callback is not None:
             call_safely(job.timeout_callback, False, job.hard)
         slot.kill(signal.SIGKILL)

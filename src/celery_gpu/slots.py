@@ -8,7 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from .child import SPEC_ENV
 from .devices import Device

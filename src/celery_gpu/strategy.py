@@ -9,7 +9,8 @@ such a message into Celery's ``InvalidTaskError`` path (logged and discarded) an
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default

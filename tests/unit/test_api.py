@@ -12,7 +12,8 @@ from celery_gpu import GPU, Device
 from celery_gpu.api import POOL
 from celery_gpu.devices import _set_current
 from celery_gpu.errors import AppNotImportable, NotInDeviceProcess
-from celery_gpu.pool import GPUPool, locate_app
+from celery_gpu.imports import locate_app
+from celery_gpu.pool import GPUPool
 
 GiB = 1024**3
 
@@ -130,7 +131,9 @@ def test_task_with_memory_and_options(make_app: Callable[..., Celery]) -> None:
     assert infer.apply(args=(1,), kwargs={"y": 5}).get() == 6
 
 
-@pytest.mark.parametrize(("memory", "expected"), [(1024, 1024), ("512MB", 512_000_000), (0, 0), ("1.5GiB", 3 * GiB // 2)])
+@pytest.mark.parametrize(
+    ("memory", "expected"), [(1024, 1024), ("512MB", 512_000_000), (0, 0), ("1.5GiB", 3 * GiB // 2)]
+)
 def test_task_memory_forms(make_app: Callable[..., Celery], memory: int | str, expected: int) -> None:
     g = GPU(make_app())
 

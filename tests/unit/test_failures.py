@@ -10,10 +10,11 @@ import pytest
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery.exceptions import Ignore, Reject, Retry
 
-from celery_gpu.child import describe_failure
 from celery_gpu.devices import Device
+from celery_gpu.failures import describe_failure
+from celery_gpu.failures import rebuild_einfo as _einfo
+from celery_gpu.failures import rebuild_exception as _remote_exception
 from celery_gpu.frames import Channel
-from celery_gpu.pool import _einfo, _remote_exception
 from celery_gpu.slots import Job, Slot, exit_status
 
 
