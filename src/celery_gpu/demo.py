@@ -36,7 +36,7 @@ def _progress(done: int, total: int, started: float) -> None:
 def _start_worker(url: str, gpus: str, per_gpu: int, log: Any) -> subprocess.Popen[bytes]:
     env = dict(os.environ, CELERY_GPU_DEMO_BROKER=url, CELERY_GPU_DEVICES=gpus, CELERY_GPU_PER_DEVICE=str(per_gpu))
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "celery_gpu.demo_app", "worker", "-l", "warning",
+        [sys.executable, "-m", "celery", "--quiet", "-A", "celery_gpu.demo_app", "worker", "-l", "warning",
          "--without-mingle", "--without-gossip", "-n", f"demo-{os.getpid()}@%h"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
