@@ -57,6 +57,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._threaded = bool(options.get("threads", True))
         self._default_soft = options.get("soft_timeout")
         self._default_hard = options.get("timeout")
+        self._max_tasks: int | None = options.get("maxtasksperchild") or None
         initargs: tuple[Any, ...] = tuple(options.get("initargs") or ())
         self._hostname = initargs[1] if len(initargs) > 1 else socket.gethostname()
         self._loop: HubLoop | ThreadLoop | None = None
@@ -278,8 +279,12 @@ class GPUPool(BasePool):  # type: ignore[misc]
     def _on_done(self, slot: Slot, msg: dict[str, Any]) -> None:
         job = self._release(slot)
         slot.tasks_done += 1
+        slot.process_tasks += 1
         if slot.state == "busy":
-            slot.state, slot.idle_since = "idle", time.monotonic()
+            if self._max_tasks and slot.process_tasks >= self._max_tasks:
+                self._recycle(slot)
+            else:
+                slot.state, slot.idle_since = "idle", time.monotonic()
         self._dispatch()  # keep the device busy before spending time on acks and events
         if job is None or job.seq != msg.get("job") or job.callback is None:
             return
@@ -290,6 +295,15 @@ class GPUPool(BasePool):  # type: ignore[misc]
             call_safely(job.callback, (1, einfo, runtime))
         else:
             call_safely(job.callback, (0, msg.get("retval"), runtime))
+
+    def _recycle(self, slot: Slot) -> None:
+        """Celery's ``--max-tasks-per-child``: ask the process to exit; a fresh one replaces it."""
+        slot.state = "recycling"
+        try:
+            assert slot.chan is not None
+            slot.chan.send({"t": "stop"})
+        except OSError:
+            pass  # already gone: its exit is handled the same way
 
     def _on_exit(self, slot: Slot) -> None:
         if slot.chan is not None and self._loop is not None:
@@ -306,8 +320,11 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if self._closing or was == "failed" or slot.device.label in self._failed:
             slot.state = "failed" if slot.device.label in self._failed else "stopped"
             return
-        logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
-                       f" while running {job.name}[{job.task_id}]" if job else "")
+        if was == "recycling" and job is None:
+            logger.info("celery-gpu: %s (pid %s) recycled after %d tasks", slot.label, slot.pid, slot.process_tasks)
+        else:
+            logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
+                           f" while running {job.name}[{job.task_id}]" if job else "")
         self._schedule_respawn(slot, failed_start=was == "starting")
 
     def _schedule_respawn(self, slot: Slot, failed_start: bool) -> None:

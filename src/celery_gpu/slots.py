@@ -17,7 +17,7 @@ from .frames import Channel
 
 __all__ = ["Job", "Slot", "SlotState", "exit_status"]
 
-SlotState = Literal["stopped", "starting", "idle", "busy", "down", "failed"]
+SlotState = Literal["stopped", "starting", "idle", "busy", "recycling", "down", "failed"]
 
 
 class Job:
@@ -81,6 +81,7 @@ class Slot:
         self.start_failures = 0
         self.respawn_at = 0.0
         self.tasks_done = 0
+        self.process_tasks = 0  # tasks run by the current process (for --max-tasks-per-child)
         self.idle_since = 0.0
         self.setup_error: str | None = None
 
@@ -117,6 +118,7 @@ class Slot:
         self.chan = Channel(ours, max_frame)
         self.state = "starting"
         self.setup_error = None
+        self.process_tasks = 0
 
     def reap(self, grace: float = 1.0) -> int | None:
         """Close the pipe and collect the process (killing it after ``grace`` seconds); its exit status."""

@@ -6,6 +6,7 @@ time limit, terminate, and that tasks queued in the pool wait for a slot rather 
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import threading
@@ -157,3 +158,48 @@ def test_setup_state_stays_in_its_process(make_pool: Any, tmp_path: Path) -> Non
     info = pool.info
     assert info["max-concurrency"] == 4 and sorted(info["processes"]) == sorted(pids)
     assert [d["device"] for d in info["devices"]] == ["fake:0", "fake:1"]
+
+
+def test_max_tasks_per_child_recycles_the_process(embedded_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("TEST_BROKER", embedded_url)
+    monkeypatch.setenv("TEST_BACKEND", embedded_url)
+    monkeypatch.setenv("CELERY_GPU_DEVICES", "fake:1")
+    from celery_gpu.pool import GPUPool
+    from tests.apps.basic import app
+
+    pool = GPUPool(app=app, threads=True, maxtasksperchild=3)  # what `celery worker --max-tasks-per-child 3` passes
+    pool.start()
+    try:
+        pids = []
+        for i in range(7):
+            rec = submit(pool, "where", i)
+            assert rec.done.wait(30) and rec.events[-1][0] == "success", rec.events
+            pids.append(ast.literal_eval(rec.events[-1][1][1])["pid"])
+        assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] == pids[5] != pids[6]
+    finally:
+        pool.stop()
+
+
+def test_a_job_revoked_while_queued_is_never_sent(make_pool: Any) -> None:
+    pool = make_pool("fake:1")
+
+    class RevokedRequest:
+        calls: list[str] = []
+
+        def revoked(self) -> bool:  # Celery's Request.revoked(): marks, acks and announces
+            return True
+
+        def on_accepted(self, pid: int, t: float) -> None:
+            self.calls.append("accepted")
+
+    request = RevokedRequest()
+    blocker = submit(pool, "sleep", 0.3)
+    task_id = uuid.uuid4().hex
+    content_type, encoding, body = dumps(([1], {}, {}), "json")
+    ran: list[Any] = []
+    pool.apply_async(None, args=("tests.apps.basic.where", task_id, {"id": task_id}, body, content_type, encoding),
+                     callback=ran.append, accept_callback=request.on_accepted, error_callback=ran.append)
+    assert blocker.done.wait(10)
+    assert submit(pool, "add", 1, 1).done.wait(10)  # the slot went on to the next job
+    assert ran == [] and request.calls == []
