@@ -1,4 +1,4 @@
-"""A failing ``@gpu.setup`` marks its device failed once, not in a loop; with every device failed the worker exits."""
+"""Worker lifecycle: failing and slow setup hooks, bad input, and a SIGKILLed main process."""
 
 from __future__ import annotations
 
@@ -67,3 +67,19 @@ def test_slow_setup_has_no_time_limit_and_bad_input_fails_by_name(embedded_url: 
         assert w.app.send_task(T + "where", args=[2]).get(timeout=30)["pid"] == pid
     finally:
         assert w.stop() == 0, w.log()
+
+
+def test_device_processes_die_with_a_sigkilled_worker(embedded_url: str, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from tests.worker import alive
+
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2").start()
+    w.wait_ready()
+    children = w.child_pids()
+    assert len(children) == 2 and all(alive(pid) for pid in children)
+    assert w.proc is not None
+    os.kill(w.proc.pid, signal.SIGKILL)  # no warm shutdown, no cleanup code runs in the main process
+    w.proc.wait(10)
+    assert wait_until(lambda: not any(alive(pid) for pid in children), 10), "orphaned device processes"
