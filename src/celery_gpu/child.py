@@ -115,17 +115,17 @@ def main() -> None:
         for hook in gpu.setup_hooks if gpu else ():
             hook(device)
     except BaseException as exc:
-        chan.send({"t": "setup_failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        chan.write({"t": "setup_failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         os._exit(3)
-    chan.send({"t": "ready", "pid": os.getpid(), "setup_s": time.monotonic() - started})
+    chan.write({"t": "ready", "pid": os.getpid(), "setup_s": time.monotonic() - started})
     while True:
         try:
-            msg = chan.recv()
+            msg = chan.read()
         except EOFError:
             break
         if msg.get("t") == "stop":
             break
-        chan.send(run_task(app, msg, hostname))
+        chan.write(run_task(app, msg, hostname))
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     chan.close()
 

@@ -44,14 +44,14 @@ class Channel:
         """The socket's fd, for selectors and the event loop."""
         return self.sock.fileno()
 
-    def send(self, obj: Any) -> None:
+    def write(self, obj: Any) -> None:
         """Encode ``obj`` and write it as one frame (blocking until written)."""
         body = msgpack.packb(obj, use_bin_type=True, default=_fallback)
         if len(body) > self.max_frame:
             raise FrameError(f"frame of {len(body)} bytes exceeds the maximum of {self.max_frame}")
         self.sock.sendall(_HEADER.pack(len(body)) + body)
 
-    def recv(self) -> Any:
+    def read(self) -> Any:
         """Read one frame.
 
         Raises:

@@ -120,7 +120,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         for slot in self.slots:
             if slot.chan is not None and slot.job is None and slot.state in ("idle", "starting"):
                 try:
-                    slot.chan.send({"t": "stop"})
+                    slot.chan.write({"t": "stop"})
                 except OSError:
                     pass
         deadline = time.monotonic() + 5
@@ -198,7 +198,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             return False
         assert slot.chan is not None
         try:
-            slot.chan.send(job.frame())
+            slot.chan.write(job.frame())
         except FrameError as exc:
             self._reject_at_once(job, exc)
             return False
@@ -254,7 +254,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if slot.chan is not chan:
             return  # a stale event for a pipe already closed
         try:
-            msg = chan.recv()
+            msg = chan.read()
             if not isinstance(msg, dict):
                 raise FrameError(f"expected a map, got {type(msg).__name__}")
         except (EOFError, OSError, FrameError) as exc:
@@ -301,7 +301,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         slot.state = "recycling"
         try:
             assert slot.chan is not None
-            slot.chan.send({"t": "stop"})
+            slot.chan.write({"t": "stop"})
         except OSError:
             pass  # already gone: its exit is handled the same way
 

@@ -191,8 +191,8 @@ def test_described_failure_crosses_the_pipe_and_is_rebuilt() -> None:
     a, b = socket.socketpair()
     left, right = Channel(a), Channel(b)
     try:
-        left.send({"t": "done", "job": 1, "failed": True, "exc": describe_failure(_raised(MemoryError("oom")))})
-        failure = right.recv()["exc"]
+        left.write({"t": "done", "job": 1, "failed": True, "exc": describe_failure(_raised(MemoryError("oom")))})
+        failure = right.read()["exc"]
     finally:
         left.close()
         right.close()

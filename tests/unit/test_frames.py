@@ -66,8 +66,8 @@ def test_round_trip_of_plain_data(pair: tuple[Channel, Channel]) -> None:
         "nested": {"list": [1, "two", b"three", [None, {"deep": [1.5, {}]}]], "dict": {"a": {"b": {"c": []}}}},
         "headers": {"retries": 0, "eta": None, "argsrepr": "(1, 2)"},
     }
-    left.send(message)
-    got = right.recv()
+    left.write(message)
+    got = right.read()
     assert got == message
     assert type(got["blob"]) is bytes
     assert type(got["text"]) is str
@@ -80,25 +80,25 @@ def test_round_trip_of_plain_data(pair: tuple[Channel, Channel]) -> None:
 def test_frames_in_both_directions_and_in_order(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
     for i in range(50):
-        left.send({"seq": i})
-    right.send({"t": "ready"})
-    assert [right.recv()["seq"] for _ in range(50)] == list(range(50))
-    assert left.recv() == {"t": "ready"}
+        left.write({"seq": i})
+    right.write({"t": "ready"})
+    assert [right.read()["seq"] for _ in range(50)] == list(range(50))
+    assert left.read() == {"t": "ready"}
 
 
 def test_scalars_and_lists_at_top_level(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
     for value in [None, 0, "x", b"y", [1, [2]], 1.25, True]:
-        left.send(value)
-        got = right.recv()
+        left.write(value)
+        got = right.read()
         assert got == value
         assert type(got) is type(value)
 
 
 def test_bytes_stay_bytes_and_str_stays_str(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
-    left.send({"body": b"[[1, 2], {}, {}]", "content_type": "application/json"})
-    got = right.recv()
+    left.write({"body": b"[[1, 2], {}, {}]", "content_type": "application/json"})
+    got = right.read()
     assert got["body"] == b"[[1, 2], {}, {}]"
     assert isinstance(got["body"], bytes)
     assert isinstance(got["content_type"], str)
@@ -106,14 +106,14 @@ def test_bytes_stay_bytes_and_str_stays_str(pair: tuple[Channel, Channel]) -> No
 
 def test_tuples_and_sets_become_lists(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
-    left.send({"args": (1, 2), "set": {3}, "frozen": frozenset({4})})
-    assert right.recv() == {"args": [1, 2], "set": [3], "frozen": [4]}
+    left.write({"args": (1, 2), "set": {3}, "frozen": frozenset({4})})
+    assert right.read() == {"args": [1, 2], "set": [3], "frozen": [4]}
 
 
 def test_memoryview_body_is_sent_as_bytes(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
-    left.send({"body": memoryview(b"abc")})
-    got = right.recv()
+    left.write({"body": memoryview(b"abc")})
+    got = right.read()
     assert got == {"body": b"abc"}
     assert type(got["body"]) is bytes
 
@@ -123,8 +123,8 @@ def test_datetime_header_values_become_iso_strings(pair: tuple[Channel, Channel]
     eta = datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
     naive = datetime(2030, 12, 31, 23, 59, 59)
     plus2 = datetime(2024, 6, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
-    left.send({"headers": {"eta": eta, "expires": naive, "other": plus2}})
-    got = right.recv()["headers"]
+    left.write({"headers": {"eta": eta, "expires": naive, "other": plus2}})
+    got = right.read()["headers"]
     assert got == {"eta": "2024-01-02T03:04:05.123456+00:00", "expires": "2030-12-31T23:59:59",
                    "other": "2024-06-01T12:00:00+02:00"}
     assert datetime.fromisoformat(got["eta"]) == eta
@@ -136,8 +136,8 @@ def test_odd_objects_are_sent_as_their_repr(pair: tuple[Channel, Channel]) -> No
             return "<odd>"
 
     left, right = pair
-    left.send({"x": Odd()})
-    assert right.recv() == {"x": "<odd>"}
+    left.write({"x": Odd()})
+    assert right.read() == {"x": "<odd>"}
 
 
 def test_default_max_frame_is_one_gib() -> None:
@@ -167,10 +167,10 @@ def test_send_larger_than_max_frame_raises_and_writes_nothing() -> None:
     left, right = Channel(a, max_frame=64), Channel(b, max_frame=64)
     try:
         with pytest.raises(FrameError, match="exceeds the maximum of 64"):
-            left.send({"body": b"x" * 100})
+            left.write({"body": b"x" * 100})
         assert _nothing_pending(b)
-        left.send({"ok": b"x" * 10})  # the channel is still usable afterwards
-        assert right.recv() == {"ok": b"x" * 10}
+        left.write({"ok": b"x" * 10})  # the channel is still usable afterwards
+        assert right.read() == {"ok": b"x" * 10}
     finally:
         left.close()
         right.close()
@@ -181,8 +181,8 @@ def test_frame_exactly_at_max_frame_is_accepted() -> None:
     a, b = socket.socketpair()
     left, right = Channel(a, max_frame=len(body)), Channel(b, max_frame=len(body))
     try:
-        left.send(b"x" * 50)
-        assert right.recv() == b"x" * 50
+        left.write(b"x" * 50)
+        assert right.read() == b"x" * 50
     finally:
         left.close()
         right.close()
@@ -203,7 +203,7 @@ def test_forged_header_is_refused_before_reading_the_body(announced: int, monkey
     try:
         a.sendall(HEADER.pack(announced) + b"\x90" * 16)
         with pytest.raises(FrameError, match=f"announces {announced} bytes"):
-            right.recv()
+            right.read()
         assert reads == [HEADER.size]  # only the header was read; no buffer of `announced` bytes was made
     finally:
         a.close()
@@ -216,7 +216,7 @@ def test_forged_header_over_default_max_frame() -> None:
     try:
         a.sendall(HEADER.pack(2**32 - 1))
         with pytest.raises(FrameError, match="more than the maximum"):
-            right.recv()
+            right.read()
     finally:
         a.close()
         right.close()
@@ -246,7 +246,7 @@ def test_garbage_body_is_a_frame_error(body: bytes) -> None:
     try:
         a.sendall(HEADER.pack(len(body)) + body)
         with pytest.raises(FrameError, match="malformed frame"):
-            right.recv()
+            right.read()
     finally:
         a.close()
         right.close()
@@ -257,11 +257,11 @@ def test_garbage_body_is_a_frame_error(body: bytes) -> None:
 
 def test_peer_closed_at_frame_boundary_is_eof(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
-    left.send({"last": True})
+    left.write({"last": True})
     left.close()
-    assert right.recv() == {"last": True}
+    assert right.read() == {"last": True}
     with pytest.raises(EOFError):
-        right.recv()
+        right.read()
 
 
 @pytest.mark.parametrize("partial", [b"\x00", b"\x00\x00\x00", HEADER.pack(100), HEADER.pack(100) + b"\x90" * 40])
@@ -272,7 +272,7 @@ def test_peer_closed_mid_frame_is_eof(partial: bytes) -> None:
         a.sendall(partial)
         a.close()
         with pytest.raises(EOFError):
-            right.recv()
+            right.read()
     finally:
         right.close()
 
@@ -284,7 +284,7 @@ def test_peer_shutdown_write_side_is_eof() -> None:
         a.sendall(HEADER.pack(10) + b"abc")
         a.shutdown(socket.SHUT_WR)
         with pytest.raises(EOFError):
-            right.recv()
+            right.read()
     finally:
         a.close()
         right.close()
@@ -323,7 +323,7 @@ def test_pickle_payload_as_frame_body_is_never_unpickled(tmp_path: Path, protoco
     try:
         a.sendall(HEADER.pack(len(payload)) + payload)
         try:
-            got = right.recv()
+            got = right.read()
         except FrameError:
             pass
         else:  # msgpack may read a prefix of the bytes as plain data; it must be nothing more than that
@@ -339,8 +339,8 @@ def test_pickle_payload_inside_a_frame_stays_bytes(pair: tuple[Channel, Channel]
     left, right = pair
     marker = tmp_path / "marker"
     payload = pickle.dumps(Armed(marker))
-    left.send({"body": payload, "content_type": "application/x-python-serialize"})
-    got = right.recv()
+    left.write({"body": payload, "content_type": "application/x-python-serialize"})
+    got = right.read()
     assert got["body"] == payload
     assert type(got["body"]) is bytes
     assert not marker.exists()
@@ -359,7 +359,7 @@ def test_arbitrary_bodies_only_raise_frame_or_eof_errors(data: bytes, short: int
         a.sendall(HEADER.pack(len(data) + short) + data)
         a.close()
         try:
-            right.recv()
+            right.read()
         except (FrameError, EOFError):
             pass
         else:
@@ -379,8 +379,8 @@ def test_plain_values_round_trip(value: Any) -> None:
     a, b = socket.socketpair()
     left, right = Channel(a), Channel(b)
     try:
-        left.send(value)
-        assert right.recv() == value
+        left.write(value)
+        assert right.read() == value
     finally:
         left.close()
         right.close()
