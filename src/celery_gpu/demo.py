@@ -33,8 +33,8 @@ def _progress(done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
-def _start_worker(url: str, gpus: str, per_gpu: int, log: Any) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, CELERY_GPU_DEMO_BROKER=url, CELERY_GPU_DEVICES=gpus, CELERY_GPU_PER_DEVICE=str(per_gpu))
+def _start_worker(gpus: str, per_gpu: int, log: Any) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, CELERY_GPU_DEVICES=gpus, CELERY_GPU_PER_DEVICE=str(per_gpu))
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "--quiet", "-A", "celery_gpu.demo_app", "worker", "-l", "warning",
          "--without-mingle", "--without-gossip", "-n", f"demo-{os.getpid()}@%h"],
@@ -67,7 +67,8 @@ def _first_result(result: Any, worker: subprocess.Popen[bytes], timeout: float =
 def run(argv: list[str]) -> int:
     """Run the demo; returns the exit status."""
     parser = argparse.ArgumentParser(prog="celery-gpu demo")
-    parser.add_argument("--broker", help="broker and backend URL (default: an embedded Redis, no server needed)")
+    parser.add_argument("--broker", help="broker URL (default: an embedded Redis, no server needed)")
+    parser.add_argument("--backend", help="result backend URL (default: the broker's URL; rpc:// for amqp)")
     parser.add_argument("--items", type=int, default=2000, help="inputs to classify (default 2000)")
     parser.add_argument("--gpus", default="all", help="devices for the worker (default: all, else the CPU)")
     parser.add_argument("--per-gpu", type=int, default=2, help="device processes per device (default 2)")
@@ -80,11 +81,12 @@ def run(argv: list[str]) -> int:
 
     with ExitStack() as stack:
         url = args.broker or stack.enter_context(EmbeddedRedis()).url
-        os.environ["CELERY_GPU_DEMO_BROKER"] = url
+        backend = args.backend or ("rpc://" if url.startswith(("amqp", "pyamqp")) else url)
+        os.environ["CELERY_GPU_DEMO_BROKER"], os.environ["CELERY_GPU_DEMO_BACKEND"] = url, backend
         from .demo_app import app, classify  # reads the broker URL at import
 
         log = sys.stderr if not args.json else stack.enter_context(open(os.devnull, "wb"))
-        worker = _start_worker(url, args.gpus, args.per_gpu, log)
+        worker = _start_worker(args.gpus, args.per_gpu, log)
         stack.callback(_stop_worker, worker)
         print(f"broker: {'embedded Redis' if not args.broker else maybe_sanitize_url(url)}; starting a worker...",
               file=sys.stderr)

@@ -1,6 +1,7 @@
 """The demo's Celery app: a small MLP classifier, in torch when it is installed, else in NumPy.
 
-The broker and backend come from ``CELERY_GPU_DEMO_BROKER`` (set by ``celery-gpu demo``).
+The broker and result backend come from ``CELERY_GPU_DEMO_BROKER`` and ``CELERY_GPU_DEMO_BACKEND`` (set by
+``celery-gpu demo``; the backend defaults to the broker's URL).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .devices import Device
 __all__ = ["app", "gpu", "classify", "LAYERS"]
 
 _url = os.environ.get("CELERY_GPU_DEMO_BROKER", "redis://127.0.0.1:6379/0")
-app = Celery("celery_gpu_demo", broker=_url, backend=_url)
+app = Celery("celery_gpu_demo", broker=_url, backend=os.environ.get("CELERY_GPU_DEMO_BACKEND", _url))
 app.conf.update(
     task_acks_late=True,
     worker_prefetch_multiplier=4,

@@ -35,13 +35,16 @@ def test_celery_gpu_worker_rejects_an_unknown_device() -> None:
     assert run.returncode == 2 and "GPU index [9] not present" in run.stderr
 
 
-def test_demo_runs_with_no_server_and_prints_json() -> None:
+@pytest.mark.parametrize("server", ["embedded", "redis", "rabbitmq"])
+def test_demo_runs_and_prints_json(server: str) -> None:
+    broker = [] if server == "embedded" else ["--broker", make(server, None, db=9).broker_url]
     run = subprocess.run([sys.executable, "-m", "celery_gpu.cli", "demo", "--items", "60", "--gpus", "fake:2",
-                          "--per-gpu", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--per-gpu", "1", "--json", *broker], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["items"] == 60 and summary["items_per_s"] > 0 and summary["seconds"] > 0
     assert summary["devices"] == ["fake:0", "fake:1"] and summary["device_processes"] == 2
-    assert summary["broker"] == "embedded-redis"
+    assert summary["broker"] == ("embedded-redis" if server == "embedded" else
+                                 make(server, None, db=9).broker_url.replace("guest:guest", "guest:**"))
     assert summary["workload"] in ("torch-mlp", "numpy-mlp")
     assert "item 0: label" in run.stdout
