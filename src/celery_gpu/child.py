@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -52,6 +52,13 @@ def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
 
     if _in_task:  # a late signal after the task ended must not break the next read of the pipe
         raise SoftTimeLimitExceeded()
+
+
+def _setup_logging(app: Any, loglevel: int, logfile: str | None) -> None:
+    """Log as the worker does: Celery's own setup (its format, the ``setup_logging`` signal, ``--logfile``)."""
+    app.log.setup_logging_subsystem(loglevel=loglevel, logfile=logfile)
+    if app.conf.worker_redirect_stdouts:
+        app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
 
 
 def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
@@ -102,13 +109,12 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     device = Device.from_wire(spec["device"])
     hostname = spec["hostname"]
-    logging.basicConfig(
-        level=spec["loglevel"],
-        format=f"[%(asctime)s: %(levelname)s/{device.label}#{spec['slot']} %(process)d] %(message)s",
-    )
+    # Celery's log format names the process ("[...: INFO/fake:1#0] Task ... succeeded"), as prefork's children.
+    multiprocessing.current_process().name = f"{device.label}#{spec['slot']}"
     started = time.monotonic()
     try:
         app = import_app(spec["app"], spec["modules"])
+        _setup_logging(app, spec["loglevel"], spec.get("logfile"))
         _set_current(device)
         signals.worker_process_init.send(sender=None)
         gpu = GPU.of(app)

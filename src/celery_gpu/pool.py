@@ -75,6 +75,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._spec = {
             "app": app_ref, "modules": modules, "sys_path": [os.getcwd(), *sys.path], "hostname": self._hostname,
             "loglevel": logging.getLogger("celery").getEffectiveLevel(),
+            # The worker's --logfile, so device processes log where the worker does.
+            "logfile": next((h.baseFilename for h in logging.getLogger().handlers if hasattr(h, "baseFilename")),
+                            None),
         }
         logger.info("celery-gpu: %d device process(es) on %s", len(self.slots),
                     ", ".join(f"{d.label} ({d.name})" for d in self.devices))

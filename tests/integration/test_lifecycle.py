@@ -83,3 +83,20 @@ def test_device_processes_die_with_a_sigkilled_worker(embedded_url: str, tmp_pat
     os.kill(w.proc.pid, signal.SIGKILL)  # no warm shutdown, no cleanup code runs in the main process
     w.proc.wait(10)
     assert wait_until(lambda: not any(alive(pid) for pid in children), 10), "orphaned device processes"
+
+
+def test_device_processes_log_to_the_worker_logfile(embedded_url: str, tmp_path: Path) -> None:
+    logfile = tmp_path / "worker.log"
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2", args=("--logfile", str(logfile))).start()
+    try:
+        w.wait_ready()
+        result = w.app.send_task(T + "where", args=[1])
+        device = result.get(timeout=30)["device"]
+        with pytest.raises(Exception):
+            w.app.send_task(T + "boom", args=["logged"]).get(timeout=30)
+    finally:
+        assert w.stop() == 0, w.log()
+    text = logfile.read_text()
+    succeeded = [line for line in text.splitlines() if result.id in line and "succeeded" in line]
+    assert succeeded and f"/{device}#0]" in succeeded[0], text[-2000:]  # the line names the device process
+    assert "ValueError: logged" in text  # the failure's traceback is in the worker's log, not lost on a stderr
