@@ -110,6 +110,21 @@ class GPUPool(BasePool):  # type: ignore[misc]
             if slot.pid == pid and slot.job is not None:
                 slot.kill(int(signal or _SIGTERM))
 
+    def restart(self) -> None:
+        """``celery control pool_restart``: replace every device process, each once its current task is done.
+
+        The fresh processes import the app and run the setup hooks again (new code, new model weights).
+        """
+        assert self._loop is not None
+        self._loop.run(self._restart_all)
+
+    def _restart_all(self) -> None:
+        for slot in self.slots:
+            if slot.state == "idle":
+                self._recycle(slot)
+            elif slot.state == "busy":
+                slot.recycle_due = True
+
     def on_stop(self) -> None:
         """Warm shutdown: let in-flight tasks finish (up to ``shutdown_timeout``), then stop every process.
 
@@ -284,7 +299,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         slot.tasks_done += 1
         slot.process_tasks += 1
         if slot.state == "busy":
-            if self._max_tasks and slot.process_tasks >= self._max_tasks:
+            if slot.recycle_due or (self._max_tasks and slot.process_tasks >= self._max_tasks):
                 self._recycle(slot)
             else:
                 slot.state, slot.idle_since = "idle", time.monotonic()
@@ -300,7 +315,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             call_safely(job.callback, (0, msg.get("retval"), runtime))
 
     def _recycle(self, slot: Slot) -> None:
-        """Celery's ``--max-tasks-per-child``: ask the process to exit; a fresh one replaces it."""
+        """Ask the process to exit (``--max-tasks-per-child``, ``pool_restart``); a fresh one replaces it."""
         slot.state = "recycling"
         try:
             assert slot.chan is not None
@@ -324,7 +339,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             slot.state = "failed" if slot.device.label in self._failed else "stopped"
             return
         if was == "recycling" and job is None:
-            logger.info("celery-gpu: %s (pid %s) recycled after %d tasks", slot.label, slot.pid, slot.process_tasks)
+            logger.info("celery-gpu: %s (pid %s) replaced after %d tasks", slot.label, slot.pid, slot.process_tasks)
         else:
             logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
                            f" while running {job.name}[{job.task_id}]" if job else "")

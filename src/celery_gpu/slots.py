@@ -82,6 +82,7 @@ class Slot:
         self.respawn_at = 0.0
         self.tasks_done = 0
         self.process_tasks = 0  # tasks run by the current process (for --max-tasks-per-child)
+        self.recycle_due = False  # replace the process once its current task is done (pool_restart)
         self.idle_since = 0.0
         self.setup_error: str | None = None
 
@@ -119,6 +120,7 @@ class Slot:
         self.state = "starting"
         self.setup_error = None
         self.process_tasks = 0
+        self.recycle_due = False
 
     def reap(self, grace: float = 1.0) -> int | None:
         """Close the pipe and collect the process (killing it after ``grace`` seconds); its exit status."""

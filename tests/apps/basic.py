@@ -22,6 +22,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=3600,
+    worker_pool_restarts=True,
 )
 if os.environ.get("TEST_FS_DIR"):  # kombu's filesystem transport: no event loop, the pool runs its own thread
     _fs = os.environ["TEST_FS_DIR"]

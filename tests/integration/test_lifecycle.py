@@ -92,7 +92,7 @@ def test_device_processes_log_to_the_worker_logfile(embedded_url: str, tmp_path:
         w.wait_ready()
         result = w.app.send_task(T + "where", args=[1])
         device = result.get(timeout=30)["device"]
-        with pytest.raises(Exception):
+        with pytest.raises(Exception, match="logged"):
             w.app.send_task(T + "boom", args=["logged"]).get(timeout=30)
     finally:
         assert w.stop() == 0, w.log()
@@ -100,3 +100,25 @@ def test_device_processes_log_to_the_worker_logfile(embedded_url: str, tmp_path:
     succeeded = [line for line in text.splitlines() if result.id in line and "succeeded" in line]
     assert succeeded and f"/{device}#0]" in succeeded[0], text[-2000:]  # the line names the device process
     assert "ValueError: logged" in text  # the failure's traceback is in the worker's log, not lost on a stderr
+
+
+def test_pool_restart_replaces_every_process_after_its_task(embedded_url: str, tmp_path: Path) -> None:
+    from tests.worker import alive
+
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2").start()
+    try:
+        w.wait_ready()
+        before = set(w.child_pids())
+        running = w.app.send_task(T + "sleep", args=[1.5])
+        assert wait_until(lambda: w.active_ids() == {running.id}, 10)
+        replies = w.app.control.pool_restart(destination=[w.name], reply=True, timeout=5)
+        assert replies and "ok" in replies[0][w.name]
+        assert running.get(timeout=30) == 1.5  # the busy process finished its task first
+        assert wait_until(lambda: (pool := w.pool_stats()) is not None and
+                          all(s["state"] == "idle" for d in pool["devices"] for s in d["slots"]) and
+                          not set(w.child_pids()) & before, 30), w.log()
+        assert not any(alive(pid) for pid in before)
+        pids = {w.app.send_task(T + "where", args=[i]).get(timeout=30)["setup_pid"] for i in range(20)}
+        assert pids == set(w.child_pids())  # setup ran again in the new processes
+    finally:
+        assert w.stop() == 0, w.log()
