@@ -220,8 +220,10 @@ class GPUPool(BasePool):  # type: ignore[misc]
         except FrameError as exc:
             self._reject_at_once(job, exc)
             return False
-        except OSError:  # the process just died; its exit is handled by the loop, the job waits for another
+        except OSError:  # dead or stalled (PIPE_TIMEOUT): replace the process; the job waits for another slot
             self._pending.appendleft(job)
+            slot.state = "recycling"
+            slot.kill()
             return False
         slot.state, slot.job, job.slot = "busy", job, slot
         self._reserved[slot.device.label] += job.memory
@@ -276,8 +278,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
             if not isinstance(msg, dict):
                 raise FrameError(f"expected a map, got {type(msg).__name__}")
         except (EOFError, OSError, FrameError) as exc:
-            if isinstance(exc, FrameError):
-                logger.error("celery-gpu: %s sent a bad frame (%s); replacing it", slot.label, exc)
+            if not isinstance(exc, EOFError):
+                logger.error("celery-gpu: %s sent a bad or stalled frame (%r); replacing it", slot.label, exc)
+                slot.kill()
             self._on_exit(slot)
             return
         kind = msg.get("t")

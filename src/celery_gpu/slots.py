@@ -17,6 +17,9 @@ from .frames import Channel
 
 __all__ = ["Job", "Slot", "SlotState", "exit_status"]
 
+#: Seconds a device process may take to read or write one frame before it is treated as dead and replaced.
+PIPE_TIMEOUT = 60.0
+
 SlotState = Literal["stopped", "starting", "idle", "busy", "recycling", "down", "failed"]
 
 
@@ -116,6 +119,8 @@ class Slot:
         finally:
             theirs.close()
         self.pid = self.proc.pid
+        # A frame is read or written whole, on the loop's thread: bound how long a stalled process can hold it.
+        ours.settimeout(PIPE_TIMEOUT)
         self.chan = Channel(ours, max_frame)
         self.state = "starting"
         self.setup_error = None

@@ -384,3 +384,15 @@ def test_plain_values_round_trip(value: Any) -> None:
     finally:
         left.close()
         right.close()
+
+
+def test_a_stalled_partial_frame_times_out_instead_of_blocking_forever() -> None:
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.2)  # the pool sets slots.PIPE_TIMEOUT; a stalled process is then replaced
+    try:
+        theirs.sendall(struct.pack("!I", 100) + b"x" * 10)  # header for 100 bytes, then nothing more
+        with pytest.raises(OSError):  # socket.timeout is an OSError
+            Channel(ours).read()
+    finally:
+        ours.close()
+        theirs.close()
