@@ -109,11 +109,11 @@ def test_pool_restart_replaces_every_process_after_its_task(embedded_url: str, t
     try:
         w.wait_ready()
         before = set(w.child_pids())
-        running = w.app.send_task(T + "sleep", args=[1.5])
+        running = w.app.send_task(T + "sleep", args=[3])
         assert wait_until(lambda: w.active_ids() == {running.id}, 10)
         replies = w.app.control.pool_restart(destination=[w.name], reply=True, timeout=5)
         assert replies and "ok" in replies[0][w.name]
-        assert running.get(timeout=30) == 1.5  # the busy process finished its task first
+        assert running.get(timeout=30) == 3  # the busy process finished its task first
         assert wait_until(lambda: (pool := w.pool_stats()) is not None and
                           all(s["state"] == "idle" for d in pool["devices"] for s in d["slots"]) and
                           not set(w.child_pids()) & before, 30), w.log()

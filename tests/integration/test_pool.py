@@ -146,7 +146,7 @@ def test_revoke_with_terminate(worker: Worker) -> None:
 
 def test_inspect_active_and_stats_show_device_processes(worker: Worker) -> None:
     pids = wait_all_idle(worker)
-    result = call(worker, "sleep", 1.5)
+    result = call(worker, "sleep", 3)
     assert wait_until(lambda: worker.active_ids() == {result.id}, 10)
     active = worker.app.control.inspect([worker.name]).active()[worker.name]
     assert active[0]["worker_pid"] in pids.values()
@@ -157,7 +157,7 @@ def test_inspect_active_and_stats_show_device_processes(worker: Worker) -> None:
     assert [d["device"] for d in pool["devices"]] == [f"fake:{i}" for i in range(4)]
     assert [d["slots"][0]["cuda_visible_devices"] for d in pool["devices"]] == ["0", "1", "2", "3"]
     assert any(s["task"] == result.id for d in pool["devices"] for s in d["slots"])
-    assert result.get(timeout=10) == 1.5
+    assert result.get(timeout=10) == 3
 
 
 def test_task_events_are_sent(worker: Worker) -> None:
@@ -171,14 +171,15 @@ def test_task_events_are_sent(worker: Worker) -> None:
                                                        .append(e["type"])})
             ready.set()
             try:
-                recv.capture(limit=None, timeout=15, wakeup=False)
+                recv.capture(limit=None, timeout=30, wakeup=False)
             except Exception:
                 pass
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
     ready.wait(10)
-    time.sleep(1)
+    # The worker sends a heartbeat event every 2 s: once one arrives, the receiver is surely consuming.
+    assert wait_until(lambda: "worker-heartbeat" in seen.get("", []), 15), seen
     result = call(worker, "add", 3, 4)
     assert result.get(timeout=30) == 7
     assert wait_until(lambda: "task-succeeded" in seen.get(result.id, []), 15), seen.get(result.id)
