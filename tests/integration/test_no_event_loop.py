@@ -23,7 +23,12 @@ def test_pool_thread_runs_tasks_limits_and_respawns(embedded_url: str, tmp_path:
     w.app.conf.broker_transport_options = {"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
                                            "control_folder": str(queue_dir)}
     w.start()
+
+    def setups() -> int:  # no remote control on this transport: count finished setup hooks instead
+        return len(w.setup_log.read_text().splitlines()) if w.setup_log.exists() else 0
+
     try:
+        assert wait_until(lambda: setups() == 2, 60), w.log()
         results = [w.app.send_task(T + "where", args=[i]) for i in range(40)]
         assert {r.get(timeout=60)["device"] for r in results} == {"fake:0", "fake:1"}
         with pytest.raises(TimeLimitExceeded):
@@ -31,6 +36,7 @@ def test_pool_thread_runs_tasks_limits_and_respawns(embedded_url: str, tmp_path:
         victim = w.app.send_task(T + "where", args=[0]).get(timeout=30)["pid"]
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: not alive(victim), 10)
+        assert wait_until(lambda: setups() == 3, 60), w.log()  # its replacement is up
         pids = {w.app.send_task(T + "where", args=[i]).get(timeout=30)["pid"] for i in range(20)}
         assert victim not in pids and len(pids) == 2
     finally:
