@@ -33,10 +33,11 @@ def test_pool_thread_runs_tasks_limits_and_respawns(embedded_url: str, tmp_path:
         assert {r.get(timeout=60)["device"] for r in results} == {"fake:0", "fake:1"}
         with pytest.raises(TimeLimitExceeded):
             w.app.send_task(T + "hang").get(timeout=30)
+        assert wait_until(lambda: setups() == 3, 60), w.log()  # the killed process was replaced
         victim = w.app.send_task(T + "where", args=[0]).get(timeout=30)["pid"]
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: not alive(victim), 10)
-        assert wait_until(lambda: setups() == 3, 60), w.log()  # its replacement is up
+        assert wait_until(lambda: setups() == 4, 60), w.log()  # its replacement is up
         pids = {w.app.send_task(T + "where", args=[i]).get(timeout=30)["pid"] for i in range(20)}
         assert victim not in pids and len(pids) == 2
     finally:
