@@ -61,6 +61,23 @@ def _setup_logging(app: Any, loglevel: int, logfile: str | None) -> None:
         app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
 
 
+def _refuse(app: Any, msg: dict[str, Any], cause: Exception) -> dict[str, Any]:
+    """A task that cannot even start here (unknown name, undecodable body): store and report a named failure."""
+    from billiard.einfo import ExceptionInfo
+
+    from .errors import MalformedTaskMessage
+
+    try:
+        raise MalformedTaskMessage(f"cannot run task {msg['name']}[{msg['uuid']}]: {type(cause).__name__}: {cause}")
+    except MalformedTaskMessage as exc:
+        einfo = ExceptionInfo()
+        try:
+            app.backend.mark_as_failure(msg["uuid"], exc, traceback=einfo.traceback)
+        except Exception:  # the backend is down: the worker still gets the failure, and logs it
+            pass
+    return {"t": "done", "job": msg["job"], "failed": True, "exc": describe_failure(einfo), "runtime": 0.0}
+
+
 def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
     """Run one task message through Celery's tracer; return the ``done`` frame."""
     global _in_task
@@ -71,22 +88,15 @@ def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
     _in_task = True
     try:
         try:
+            task = app.tasks[msg["name"]]
             args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
                 msg["body"], msg["content_type"], msg["content_encoding"],
                 accept=_accept(app),
             )
-        except Exception as exc:  # a malformed body fails the task by name, it never kills the process
-            from billiard.einfo import ExceptionInfo
-
-            try:
-                raise type(exc)(f"cannot decode the task message: {exc}") from exc
-            except Exception:
-                return {"t": "done", "job": msg["job"], "failed": True, "exc": describe_failure(ExceptionInfo()),
-                        "runtime": 0.0}
+        except Exception as exc:  # fails the task by name, never the process
+            return _refuse(app, msg, exc)
         request.update({"args": args, "kwargs": kwargs, "hostname": hostname, "is_eager": False}, **(embed or {}))
-        retval, info, runtime, rstr = trace_task(
-            app.tasks[msg["name"]], msg["uuid"], args, kwargs, request, app=app, hostname=hostname
-        )
+        retval, info, runtime, rstr = trace_task(task, msg["uuid"], args, kwargs, request, app=app, hostname=hostname)
     finally:
         _in_task = False
     if info:

@@ -203,3 +203,23 @@ def test_a_job_revoked_while_queued_is_never_sent(make_pool: Any) -> None:
     assert blocker.done.wait(10)
     assert submit(pool, "add", 1, 1).done.wait(10)  # the slot went on to the next job
     assert ran == [] and request.calls == []
+
+
+def test_an_undecodable_body_fails_by_name_and_the_result_is_stored(make_pool: Any, embedded_url: str) -> None:
+    from celery import Celery
+
+    pool = make_pool("fake:1")
+    pid = pool.slots[0].pid
+    task_id = uuid.uuid4().hex
+    rec = Recorder(task_id)
+    pool.apply_async(None, args=("tests.apps.basic.where", task_id, {"id": task_id}, b"\\xff not json",
+                                 "application/json", "utf-8"),
+                     callback=rec.success, accept_callback=rec.accepted, error_callback=rec.failure)
+    assert rec.done.wait(10)
+    failed, einfo, _ = rec.events[-1][1]
+    assert failed == 1 and type(einfo.exception.exc).__name__ == "MalformedTaskMessage"
+    client = Celery("direct-client", broker=embedded_url, backend=embedded_url, set_as_current=False)
+    stored = client.AsyncResult(task_id)
+    assert stored.state == "FAILURE" and "cannot run task" in str(stored.result)
+    assert pool.slots[0].pid == pid  # the process lives on
+    assert submit(pool, "add", 2, 3).done.wait(10)
