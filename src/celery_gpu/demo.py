@@ -25,11 +25,12 @@ from .errors import DeviceSpecError
 __all__ = ["run"]
 
 
-def _progress(done: int, total: int, started: float) -> None:
+def _progress(sent: int, done: int, total: int, started: float) -> None:
     width = 30
-    filled = width * done // max(total, 1)
+    filled, queued = width * done // max(total, 1), width * sent // max(total, 1)
     rate = done / max(time.monotonic() - started, 1e-9)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}  {rate:8.1f} items/s")
+    bar = "#" * filled + "-" * (queued - filled) + "." * (width - queued)
+    sys.stderr.write(f"\r[{bar}] sent {sent}/{total}, done {done}/{total}  {rate:8.1f} items/s")
     sys.stderr.flush()
 
 
@@ -101,12 +102,16 @@ def run(argv: list[str]) -> int:
               f"backend {first['backend']}", file=sys.stderr)
 
         started = time.monotonic()
-        pending = [classify.delay(row.tolist()) for row in inputs]
+        pending = []
+        for i, row in enumerate(inputs, 1):
+            pending.append(classify.delay(row.tolist()))
+            if i % 100 == 0:
+                _progress(i, 0, len(inputs), started)
         results: list[dict[str, Any]] = []
         for i, r in enumerate(pending, 1):
             results.append(r.get(timeout=300))
             if i % 50 == 0 or i == len(pending):
-                _progress(i, len(pending), started)
+                _progress(len(pending), i, len(pending), started)
         seconds = time.monotonic() - started
         sys.stderr.write("\n")
         for i, res in enumerate(results[:5]):
