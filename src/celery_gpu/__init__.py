@@ -1,6 +1,7 @@
 """celery-gpu: run Celery tasks on GPUs in long-lived, spawned, device-pinned processes."""
 
 from .api import GPU
+from .batch import RetryItem
 from .devices import Device, current_device, discover, parse_memory
 from .errors import (
     AppNotImportable,
@@ -9,6 +10,8 @@ from .errors import (
     DeviceSpecError,
     FrameError,
     InsufficientDeviceMemory,
+    BatchArgumentError,
+    BatchResultMismatch,
     MalformedTaskMessage,
     NotInDeviceProcess,
 )
@@ -16,6 +19,7 @@ from .settings import Settings
 
 __all__ = [
     "GPU",
+    "RetryItem",
     "Device",
     "Settings",
     "current_device",
@@ -29,5 +33,7 @@ __all__ = [
     "InsufficientDeviceMemory",
     "MalformedTaskMessage",
     "NotInDeviceProcess",
+    "BatchArgumentError",
+    "BatchResultMismatch",
 ]
 __version__ = "0.1.0"

@@ -9,8 +9,10 @@ from typing import Any, TypeVar, overload
 
 from celery import Celery, signals
 
+from .batch import BatchOptions, item_runner
 from .devices import Device, current_device, discover, parse_memory
 from .settings import Settings
+from .submit import with_mixin
 
 __all__ = ["GPU", "POOL"]
 
@@ -59,6 +61,10 @@ class GPU:
             conf["gpu_per_device"] = per_device
         app.conf.update(conf)
         _by_app[app] = self
+        from .prefetch import BatchPrefetch
+
+        if BatchPrefetch not in app.steps["consumer"]:
+            app.steps["consumer"].add(BatchPrefetch)
         signals.worker_init.connect(self._size_worker, weak=False)
 
     @classmethod
@@ -84,24 +90,42 @@ class GPU:
     def task(self, fn: F) -> Any: ...
 
     @overload
-    def task(self, fn: None = None, *, memory: int | str | None = None, **options: Any) -> Callable[[F], Any]: ...
+    def task(
+        self, fn: None = None, *, memory: int | str | None = None, batch: int | None = None,
+        max_wait_ms: float = 5.0, **options: Any,
+    ) -> Callable[[F], Any]: ...
 
-    def task(self, fn: F | None = None, *, memory: int | str | None = None, **options: Any) -> Any:
+    def task(
+        self, fn: F | None = None, *, memory: int | str | None = None, batch: int | None = None,
+        max_wait_ms: float = 5.0, **options: Any,
+    ) -> Any:
         """Declare a Celery task that runs on a device.
 
         It is a normal Celery task (``delay``, ``apply_async``, retries, time limits, ``bind=True``); it runs
-        in a device process with ``gpu.device`` set.
+        in a device process with ``gpu.device`` set. Every GPU task also has ``submit_many(items)``.
 
         Args:
             memory: device memory the task needs (bytes or ``"2GiB"``); the pool never places it on a device
                 whose declared memory is taken, and fails it at once if no device of the worker is big enough.
+                For a batched task: the memory of one call at full batch size.
+            batch: make it a batched task of up to ``batch`` items per call: the function takes a list and
+                returns one result per item, while each ``delay(item)`` stays its own Celery task (see
+                :mod:`celery_gpu.batch` for how calls map to the list).
+            max_wait_ms: for a batched task, how long an item may be held back to fill a batch while other
+                device processes are busy (a free worker with nothing else to do never waits).
             **options: any ``app.task`` option.
         """
         gpu_memory = 0 if memory is None else parse_memory(memory)
 
         def decorate(f: F) -> Any:
             options.setdefault("Strategy", "celery_gpu.strategy:guarded")
-            return self.app.task(f, gpu=True, gpu_memory=gpu_memory, **options)
+            options["base"] = with_mixin(options.get("base") or self.app.Task)
+            if batch is None:
+                return self.app.task(f, gpu=True, gpu_memory=gpu_memory, **options)
+            bind = bool(options.pop("bind", False))
+            batch_options = BatchOptions(int(batch), float(max_wait_ms) / 1000.0, f, bind)
+            return self.app.task(item_runner(f, bind), bind=True, gpu=True, gpu_memory=gpu_memory,
+                                 gpu_batch=batch_options, **options)
 
         return decorate(fn) if fn is not None else decorate
 

@@ -19,24 +19,13 @@ import traceback
 from types import FrameType
 from typing import Any
 
-from .failures import describe_failure
+from .batchrun import run_batch
 from .frames import Channel
 from .imports import import_app
+from .tracing import decode, in_task, refuse, set_in_task, trace
 
 #: Environment variable carrying the JSON start-up description of a device process.
 SPEC_ENV = "CELERY_GPU_SLOT"
-
-_in_task = False
-_accept_cache: dict[int, Any] = {}
-
-
-def _accept(app: Any) -> Any:
-    from kombu.serialization import prepare_accept_content
-
-    if id(app) not in _accept_cache:
-        _accept_cache[id(app)] = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
-    return _accept_cache[id(app)]
-
 
 def _die_with_parent() -> None:
     # Linux: the kernel SIGKILLs us when the worker's main process dies, so no device process is orphaned.
@@ -50,7 +39,7 @@ def _die_with_parent() -> None:
 def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
-    if _in_task:  # a late signal after the task ended must not break the next read of the pipe
+    if in_task():  # a late signal after the task ended must not break the next read of the pipe
         raise SoftTimeLimitExceeded()
 
 
@@ -61,47 +50,19 @@ def _setup_logging(app: Any, loglevel: int, logfile: str | None) -> None:
         app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
 
 
-def _refuse(app: Any, msg: dict[str, Any], cause: Exception) -> dict[str, Any]:
-    """A task that cannot even start here (unknown name, undecodable body): store and report a named failure."""
-    from billiard.einfo import ExceptionInfo
-
-    from .errors import MalformedTaskMessage
-
-    try:
-        raise MalformedTaskMessage(f"cannot run task {msg['name']}[{msg['uuid']}]: {type(cause).__name__}: {cause}")
-    except MalformedTaskMessage as exc:
-        einfo = ExceptionInfo()
-        try:
-            app.backend.mark_as_failure(msg["uuid"], exc, traceback=einfo.traceback)
-        except Exception:  # the backend is down: the worker still gets the failure, and logs it
-            pass
-    return {"t": "done", "job": msg["job"], "failed": True, "exc": describe_failure(einfo), "runtime": 0.0}
-
-
 def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
     """Run one task message through Celery's tracer; return the ``done`` frame."""
-    global _in_task
-    from celery.app.trace import trace_task
-    from kombu.serialization import loads
-
-    request: dict[str, Any] = msg["request"]
-    _in_task = True
+    set_in_task(True)
     try:
         try:
-            task = app.tasks[msg["name"]]
-            args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
-                msg["body"], msg["content_type"], msg["content_encoding"],
-                accept=_accept(app),
-            )
+            task, args, kwargs, embed = decode(app, msg)
         except Exception as exc:  # fails the task by name, never the process
-            return _refuse(app, msg, exc)
-        request.update({"args": args, "kwargs": kwargs, "hostname": hostname, "is_eager": False}, **(embed or {}))
-        retval, info, runtime, rstr = trace_task(task, msg["uuid"], args, kwargs, request, app=app, hostname=hostname)
+            outcome = refuse(app, msg, exc)
+        else:
+            outcome = trace(app, task, msg, args, kwargs, embed, hostname)
     finally:
-        _in_task = False
-    if info:
-        return {"t": "done", "job": msg["job"], "failed": True, "exc": describe_failure(retval), "runtime": runtime}
-    return {"t": "done", "job": msg["job"], "failed": False, "retval": rstr, "runtime": runtime}
+        set_in_task(False)
+    return {"t": "done", "job": msg["job"], **outcome}
 
 
 def main() -> None:
@@ -141,7 +102,10 @@ def main() -> None:
             break
         if msg.get("t") == "stop":
             break
-        chan.write(run_task(app, msg, hostname))
+        if msg.get("t") == "batch":
+            chan.write(run_batch(app, msg, hostname))
+        else:
+            chan.write(run_task(app, msg, hostname))
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     chan.close()
 

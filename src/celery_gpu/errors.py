@@ -11,6 +11,8 @@ __all__ = [
     "FrameError",
     "AppNotImportable",
     "MalformedTaskMessage",
+    "BatchResultMismatch",
+    "BatchArgumentError",
 ]
 
 
@@ -44,3 +46,11 @@ class MalformedTaskMessage(CeleryGPUError):
 
 class AppNotImportable(CeleryGPUError):
     """The device processes cannot find the Celery app by import; pass ``GPU(app, import_name=...)``."""
+
+
+class BatchResultMismatch(CeleryGPUError):
+    """A batched task's function returned a different number of results than it was given items."""
+
+
+class BatchArgumentError(CeleryGPUError, TypeError):
+    """A call of a batched task did not pass exactly one positional argument (its item)."""

@@ -45,6 +45,9 @@ class HubLoop:
     def call_repeatedly(self, seconds: float, cb: Callback) -> None:
         self.hub.call_repeatedly(seconds, cb)
 
+    def call_later(self, seconds: float, cb: Callback, *args: Any) -> None:
+        self.hub.call_later(seconds, cb, *args)
+
     def run(self, fn: Callback, *args: Any) -> None:
         """Run ``fn`` on the loop's thread: the caller is on it already."""
         fn(*args)
@@ -77,7 +80,11 @@ class ThreadLoop:
             pass
 
     def call_repeatedly(self, seconds: float, cb: Callback) -> None:
-        self._timers.append([seconds, time.monotonic() + seconds, cb])
+        self._timers.append([seconds, time.monotonic() + seconds, cb, ()])
+
+    def call_later(self, seconds: float, cb: Callback, *args: Any) -> None:
+        """Run ``cb(*args)`` once, ``seconds`` from now, on the loop's thread (call it from that thread)."""
+        self._timers.append([None, time.monotonic() + seconds, cb, args])
 
     def run(self, fn: Callback, *args: Any) -> None:
         """Queue ``fn`` to run on the loop's thread (safe from any thread)."""
@@ -119,10 +126,13 @@ class ThreadLoop:
                 fn, args = self._calls.popleft()
                 call_safely(fn, *args)
             now = time.monotonic()
-            for timer in self._timers:
+            for timer in list(self._timers):
                 if now >= timer[1]:
-                    timer[1] = now + timer[0]
-                    call_safely(timer[2])
+                    if timer[0] is None:
+                        self._timers.remove(timer)
+                    else:
+                        timer[1] = now + timer[0]
+                    call_safely(timer[2], *timer[3])
         while self._calls:
             fn, args = self._calls.popleft()
             call_safely(fn, *args)

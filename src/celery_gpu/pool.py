@@ -21,6 +21,8 @@ from typing import Any
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.concurrency.base import BasePool
 
+from .batch import BatchOptions
+from .batcher import Batch, Batcher
 from .devices import Device, discover
 from .errors import FrameError, InsufficientDeviceMemory
 from .failures import rebuild_einfo, rebuild_exception
@@ -50,7 +52,10 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.settings = Settings.from_app(app.conf if app is not None else None)
         self.devices: list[Device] = discover(self.settings.devices)
         self.slots = [Slot(d, k) for d in self.devices for k in range(self.settings.per_device)]
-        self._pending: deque[Job] = deque()
+        self._pending: deque[Job] = deque()  # plain GPU tasks, FIFO
+        self._batcher = Batcher()  # items of batched tasks, FIFO per task
+        self._batch_stats: dict[str, list[int]] = {}  # task name -> [batches, items, calls]
+        self._timer_at: float | None = None  # when a held batch is due (max_wait_ms)
         self._seq = itertools.count(1)
         self._reserved = {d.label: 0 for d in self.devices}
         self._failed: set[str] = set()
@@ -94,21 +99,37 @@ class GPUPool(BasePool):  # type: ignore[misc]
     def apply_async(self, target: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Job:
         """Queue one Celery task (``args`` as Celery's request passes them to its tracer)."""
         task = self.app.tasks.get(args[0])
+        opts = getattr(task, "gpu_batch", None)
         job = Job(
             next(self._seq), tuple(args), int(getattr(task, "gpu_memory", 0) or 0),
             options.get("callback"), options.get("accept_callback"), options.get("error_callback"),
             options.get("timeout_callback"),
             options.get("soft_timeout") or self._default_soft, options.get("timeout") or self._default_hard,
+            opts if isinstance(opts, BatchOptions) else None,
         )
         assert self._loop is not None, "apply_async before the pool started"
         self._loop.run(self._submit, job)
         return job
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
-        """Revoke with terminate: signal the device process running the task (it is then replaced)."""
+        """Revoke with terminate: signal the device process running the task (it is then replaced).
+
+        An item of a running batch is only cancelled (it ends as ``Terminated`` when the batch returns, its
+        batch-mates unharmed); the process is signalled once every item of the batch is terminated.
+        """
+        sig = int(signal or _SIGTERM)
         for slot in self.slots:
             if slot.pid == pid and slot.job is not None:
-                slot.kill(int(signal or _SIGTERM))
+                if isinstance(slot.job, Batch):
+                    # Celery marks the job terminated right after this call: decide on the next loop turn.
+                    assert self._loop is not None
+                    self._loop.call_later(0, self._kill_if_all_terminated, slot, slot.job, sig)
+                else:
+                    slot.kill(sig)
+
+    def _kill_if_all_terminated(self, slot: Slot, work: Batch, sig: int) -> None:
+        if slot.job is work and work.terminated is not None:
+            slot.kill(sig)
 
     def restart(self) -> None:
         """``celery control pool_restart``: replace every device process, each once its current task is done.
@@ -160,7 +181,12 @@ class GPUPool(BasePool):  # type: ignore[misc]
         info.update({
             "max-concurrency": len(self.slots),
             "processes": [s.pid for s in self.slots if s.proc is not None],
-            "pending": len(self._pending),
+            "pending": len(self._pending) + len(self._batcher),
+            "batching": {
+                name: {"batches": b, "items": i, "calls": c, "mean_batch": round(i / b, 2) if b else 0.0,
+                       "waiting": self._batcher.waiting().get(name, 0)}
+                for name, (b, i, c) in self._batch_stats.items()
+            },
             "devices": [
                 {
                     "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,
@@ -181,65 +207,125 @@ class GPUPool(BasePool):  # type: ignore[misc]
                 f"task {job.name} declares {job.memory} bytes of device memory; the largest device of this "
                 f"worker has {max(d.total_memory for d in live)}: route it to a worker with bigger GPUs"))
             return
-        self._pending.append(job)
+        if job.batch is not None:
+            self._batcher.add(job)
+        else:
+            self._pending.append(job)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        if self._closing or not self._pending:
-            return
-        idle = [s for s in self.slots if s.state == "idle"]
-        waiting: deque[Job] = deque()
-        while self._pending and idle:
-            job = self._pending.popleft()
-            slot = self._place(job, idle)
-            if slot is None:
-                waiting.append(job)
-                continue
-            idle.remove(slot)
-            if not self._start(slot, job) and slot.state == "idle":
-                idle.append(slot)
-        waiting.extend(self._pending)
-        self._pending = waiting
+        """Hand waiting work to idle device processes, oldest first (see ``batcher.py`` for the policy)."""
+        while not self._closing:
+            idle = [s for s in self.slots if s.state == "idle"]
+            if not idle:
+                return
+            picked = self._pick(idle)
+            if picked is None:
+                return
+            slot, jobs, batched = picked
+            self._start(slot, jobs, batched)
 
-    def _place(self, job: Job, idle: list[Slot]) -> Slot | None:
-        """Among idle slots whose device has the job's declared memory free: the device with the most free
-        memory, then the slot idle the longest (so work spreads over devices and processes)."""
-        fits = [s for s in idle if s.device.total_memory - self._reserved[s.device.label] >= job.memory]
+    def _pick(self, idle: list[Slot]) -> tuple[Slot, list[Job], bool] | None:
+        """The work to start now and where: the oldest waiting item that fits an idle slot wins; a batch that
+        is not full is held (up to its ``max_wait``) while other processes are busy."""
+        now = time.monotonic()
+        best: tuple[float, Slot, Job | str] | None = None
+        for job in self._pending:  # the first plain task that fits (one that does not fit yet may be skipped)
+            slot = self._place(job.memory, idle)
+            if slot is not None:
+                best = (job.arrived, slot, job)
+                break
+        busy = any(s.state == "busy" for s in self.slots)
+        for name, head, waiting in self._batcher.heads():
+            assert head.batch is not None
+            if busy and waiting < head.batch.size and now - head.arrived < head.batch.max_wait:
+                self._wake_at(head.arrived + head.batch.max_wait)
+                continue
+            if best is not None and best[0] <= head.arrived:
+                continue
+            slot = self._place(head.memory, idle)
+            if slot is not None:
+                best = (head.arrived, slot, name)
+        if best is None:
+            return None
+        _, slot, what = best
+        if isinstance(what, Job):
+            self._pending.remove(what)
+            return slot, [what], False
+        head = self._batcher.queues[what][0]
+        assert head.batch is not None
+        return slot, self._batcher.take(what, head.batch.size), True
+
+    def _wake_at(self, when: float) -> None:
+        """Run the dispatcher again at ``when`` (a held batch's deadline)."""
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        self._timer_at = when
+        assert self._loop is not None
+        self._loop.call_later(max(0.0, when - time.monotonic()), self._on_wake, when)
+
+    def _on_wake(self, when: float) -> None:
+        if self._timer_at == when:
+            self._timer_at = None
+        self._dispatch()
+
+    def _place(self, memory: int, idle: list[Slot]) -> Slot | None:
+        """Among idle slots whose device has ``memory`` free: the device with the most free memory, then the
+        slot idle the longest (so work spreads over devices and processes)."""
+        fits = [s for s in idle if s.device.total_memory - self._reserved[s.device.label] >= memory]
         if not fits:
             return None
         return max(fits, key=lambda s: (s.device.total_memory - self._reserved[s.device.label], -s.idle_since))
 
-    def _start(self, slot: Slot, job: Job) -> bool:
-        request = getattr(job.accept_callback, "__self__", None)
-        if request is not None and hasattr(request, "revoked") and request.revoked():
-            job.finished = True  # revoked while waiting here: Celery has marked and acked it
+    def _start(self, slot: Slot, jobs: list[Job], batched: bool) -> bool:
+        live = []
+        for job in jobs:
+            request = getattr(job.accept_callback, "__self__", None)
+            if request is not None and hasattr(request, "revoked") and request.revoked():
+                job.finished = True  # revoked while waiting here: Celery has marked and acked it
+            else:
+                live.append(job)
+        if not live:
             return False
+        work: Job | Batch = Batch(next(self._seq), live) if batched else live[0]
         assert slot.chan is not None
         try:
-            slot.chan.write(job.frame())
+            slot.chan.write(work.frame())
         except FrameError as exc:
-            self._reject_at_once(job, exc)
+            for job in live:
+                self._reject_at_once(job, exc)
             return False
-        except OSError:  # dead or stalled (PIPE_TIMEOUT): replace the process; the job waits for another slot
-            self._pending.appendleft(job)
+        except OSError:  # dead or stalled (PIPE_TIMEOUT): replace the process; the work waits for another slot
+            if batched:
+                self._batcher.put_back(live)
+            else:
+                self._pending.appendleft(live[0])
             slot.state = "recycling"
             slot.kill()
             return False
-        slot.state, slot.job, job.slot = "busy", job, slot
-        self._reserved[slot.device.label] += job.memory
-        job.started = time.monotonic()
-        if job.accept_callback is not None:
-            call_safely(job.accept_callback, slot.pid, job.started)
+        slot.state, slot.job, work.slot = "busy", work, slot
+        self._reserved[slot.device.label] += work.memory
+        work.started = time.monotonic()
+        for job in live:
+            job.slot, job.started = slot, work.started
+            if job.accept_callback is not None:
+                call_safely(job.accept_callback, slot.pid, work.started)
+        if batched:
+            stats = self._batch_stats.setdefault(work.name, [0, 0, 0])
+            stats[0] += 1
+            stats[1] += len(live)
         return True
 
-    def _release(self, slot: Slot) -> Job | None:
-        """Detach the slot's job, once: the job's memory declaration is returned to its device."""
-        job, slot.job = slot.job, None
-        if job is None or job.finished:
+    def _release(self, slot: Slot) -> Job | Batch | None:
+        """Detach the slot's work, once: its memory declaration is returned to its device."""
+        work, slot.job = slot.job, None
+        if work is None or work.finished:
             return None
-        job.finished = True
-        self._reserved[slot.device.label] -= job.memory
-        return job
+        work.finished = True
+        for job in work.jobs:
+            job.finished = True
+        self._reserved[slot.device.label] -= work.memory
+        return work
 
     def _reject_at_once(self, job: Job, exc: BaseException) -> None:
         # Accepting first acknowledges the message (when not acks_late): a task that can never run here must
@@ -284,7 +370,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._on_exit(slot)
             return
         kind = msg.get("t")
-        if kind == "done":
+        if kind in ("done", "batch_done"):
             self._on_done(slot, msg)
         elif kind == "ready":
             slot.state, slot.pid, slot.start_failures = "idle", int(msg["pid"]), 0
@@ -298,7 +384,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._fail_device(slot.device, f"setup failed: {msg.get('error')}")
 
     def _on_done(self, slot: Slot, msg: dict[str, Any]) -> None:
-        job = self._release(slot)
+        work = self._release(slot)
         slot.tasks_done += 1
         slot.process_tasks += 1
         if slot.state == "busy":
@@ -307,15 +393,33 @@ class GPUPool(BasePool):  # type: ignore[misc]
             else:
                 slot.state, slot.idle_since = "idle", time.monotonic()
         self._dispatch()  # keep the device busy before spending time on acks and events
-        if job is None or job.seq != msg.get("job") or job.callback is None:
+        if work is None or work.seq != msg.get("job"):
             return
-        runtime = float(msg.get("runtime") or 0.0)
-        if msg.get("failed"):
-            failure = msg["exc"]
+        outcomes = msg.get("items") if isinstance(work, Batch) else [msg]
+        if not isinstance(outcomes, list) or len(outcomes) != len(work.jobs):
+            logger.error("celery-gpu: %s answered %s with a malformed outcome list", slot.label, work.name)
+            outcomes = [{"failed": True, "exc": {"type": "FrameError", "module": "celery_gpu.errors",
+                                                 "message": "malformed batch outcome"}}] * len(work.jobs)
+        if isinstance(work, Batch):
+            self._batch_stats.setdefault(work.name, [0, 0, 0])[2] += int(msg.get("calls") or 0)
+        for job, outcome in zip(work.jobs, outcomes, strict=True):
+            self._report(job, outcome if isinstance(outcome, dict) else {})
+
+    def _report(self, job: Job, outcome: dict[str, Any]) -> None:
+        """Tell Celery how one task ended (its request acks, sends events, logs)."""
+        if job.terminated is not None:  # revoked with terminate while its batch ran: the result is discarded
+            if job.error_callback is not None:
+                call_safely(job.error_callback, rebuild_einfo(Terminated(-job.terminated)))
+            return
+        if job.callback is None:
+            return
+        runtime = float(outcome.get("runtime") or 0.0)
+        if outcome.get("failed"):
+            failure = outcome.get("exc") or {}
             einfo = rebuild_einfo(rebuild_exception(failure), failure.get("traceback"), bool(failure.get("internal")))
             call_safely(job.callback, (1, einfo, runtime))
         else:
-            call_safely(job.callback, (0, msg.get("retval"), runtime))
+            call_safely(job.callback, (0, outcome.get("retval"), runtime))
 
     def _recycle(self, slot: Slot) -> None:
         """Ask the process to exit (``--max-tasks-per-child``, ``pool_restart``); a fresh one replaces it."""
@@ -331,8 +435,10 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._loop.remove_reader(slot.chan.fileno())
         was = slot.state
         code = slot.reap()
-        job = self._release(slot)
-        if job is not None and job.error_callback is not None:
+        work = self._release(slot)
+        for job in work.jobs if work is not None else []:
+            if job.error_callback is None:
+                continue
             if job.terminated is not None:
                 exc: BaseException = Terminated(-job.terminated)
             else:
@@ -341,11 +447,11 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if self._closing or was == "failed" or slot.device.label in self._failed:
             slot.state = "failed" if slot.device.label in self._failed else "stopped"
             return
-        if was == "recycling" and job is None:
+        if was == "recycling" and work is None:
             logger.info("celery-gpu: %s (pid %s) replaced after %d tasks", slot.label, slot.pid, slot.process_tasks)
         else:
             logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
-                           f" while running {job.name}[{job.task_id}]" if job else "")
+                           f" while running {work.name}[{work.task_id}]" if work else "")
         self._schedule_respawn(slot, failed_start=was == "starting")
 
     def _schedule_respawn(self, slot: Slot, failed_start: bool) -> None:
@@ -377,23 +483,26 @@ class GPUPool(BasePool):  # type: ignore[misc]
             state.should_stop = 1
             return
         biggest = max(d.total_memory for d in live)
-        for job in [j for j in self._pending if j.memory > biggest]:
+        too_big = [j for j in self._pending if j.memory > biggest]
+        for job in too_big:
             self._pending.remove(job)
+        for job in too_big + self._batcher.remove_if(lambda j: j.memory > biggest):
             self._reject_at_once(job, InsufficientDeviceMemory(
                 f"task {job.name} declares {job.memory} bytes; no working device of this worker has that much"))
 
     def _tick(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
-            job = slot.job
-            if job is not None and not job.finished:
-                if job.soft and not job.soft_sent and now - job.started >= job.soft:
-                    job.soft_sent = True
+            work = slot.job
+            if work is not None and not work.finished:
+                if work.soft and not work.soft_sent and now - work.started >= work.soft:
+                    work.soft_sent = True
                     slot.kill(signal.SIGUSR1)
-                    if job.timeout_callback is not None:
-                        call_safely(job.timeout_callback, True, job.soft)
-                if job.hard and now - job.started >= job.hard:
-                    self._hard_timeout(slot, job)
+                    for job in work.jobs:
+                        if job.timeout_callback is not None:
+                            call_safely(job.timeout_callback, True, work.soft)
+                if work.hard and now - work.started >= work.hard:
+                    self._hard_timeout(slot, work)
             if slot.state == "down" and now >= slot.respawn_at and not self._closing:
                 self._spawn(slot)
             elif slot.proc is not None and slot.proc.poll() is not None and slot.chan is not None:
@@ -402,13 +511,15 @@ class GPUPool(BasePool):  # type: ignore[misc]
                 if slot.chan is not None:
                     self._on_exit(slot)
 
-    def _hard_timeout(self, slot: Slot, job: Job) -> None:
+    def _hard_timeout(self, slot: Slot, work: Job | Batch) -> None:
         # As billiard's prefork: fail the task with TimeLimitExceeded, tell the request, kill the process.
+        # A batch is one call: every item of it ends so.
         self._release(slot)
-        if job.error_callback is not None:
-            call_safely(job.error_callback, rebuild_einfo(TimeLimitExceeded(job.hard)))
-        if job.timeout_callback is not None:
-            call_safely(job.timeout_callback, False, job.hard)
+        for job in work.jobs:
+            if job.error_callback is not None:
+                call_safely(job.error_callback, rebuild_einfo(TimeLimitExceeded(work.hard)))
+            if job.timeout_callback is not None:
+                call_safely(job.timeout_callback, False, work.hard)
         slot.kill(signal.SIGKILL)
 
     def _drain(self, keep_going: Any, slots: list[Slot] | None = None) -> None:

@@ -8,12 +8,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .child import SPEC_ENV
 from .devices import Device
 from .frames import Channel
+
+if TYPE_CHECKING:
+    from .batch import BatchOptions
+    from .batcher import Batch
 
 __all__ = ["Job", "Slot", "SlotState", "exit_status"]
 
@@ -37,6 +42,7 @@ class Job:
         timeout_callback: Callable[..., Any] | None,
         soft: float | None,
         hard: float | None,
+        batch: BatchOptions | None = None,
     ) -> None:
         self.seq = seq
         self.name, self.task_id, self.request, self.body, self.content_type, self.content_encoding = args
@@ -52,14 +58,25 @@ class Job:
         self.soft_sent = False
         self.finished = False
         self.terminated: int | None = None
+        self.batch = batch  # set for an item of a batched task
+        self.arrived = time.monotonic()
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The Celery tasks this work carries: itself (a :class:`Batch` carries many)."""
+        return [self]
+
+    def item(self) -> dict[str, Any]:
+        """The task as plain data for a device process."""
+        body = self.body.tobytes() if isinstance(self.body, memoryview) else self.body
+        return {
+            "uuid": self.task_id, "request": self.request, "body": body,
+            "content_type": self.content_type, "content_encoding": self.content_encoding,
+        }
 
     def frame(self) -> dict[str, Any]:
         """The ``run`` frame sent to a device process."""
-        body = self.body.tobytes() if isinstance(self.body, memoryview) else self.body
-        return {
-            "t": "run", "job": self.seq, "name": self.name, "uuid": self.task_id, "request": self.request,
-            "body": body, "content_type": self.content_type, "content_encoding": self.content_encoding,
-        }
+        return {"t": "run", "job": self.seq, "name": self.name, **self.item()}
 
     def terminate(self, signum: int | None = None) -> None:
         """Called by Celery when the task is revoked with ``terminate=True``."""
@@ -80,7 +97,7 @@ class Slot:
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: Channel | None = None
         self.pid: int | None = None
-        self.job: Job | None = None
+        self.job: Job | Batch | None = None  # the work it runs now
         self.start_failures = 0
         self.respawn_at = 0.0
         self.tasks_done = 0

@@ -1,0 +1,96 @@
+"""Acknowledgements in bulk: the acks of one event-loop turn go to the broker together.
+
+Celery acks each message on its own; on Redis that is one round trip (``ZREM`` + ``HDEL`` of the unacked
+index) per task, the largest single cost in the worker's main process. GPU tasks' acks are collected and
+flushed once per loop turn (``hub.call_soon``): on Redis in one pipeline for every message of a channel, on
+other transports message by message as Celery does (AMQP acks are already one-way frames).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["AckBuffer"]
+
+logger = logging.getLogger("celery_gpu.acks")
+
+
+def _redis_channel_type() -> type | None:
+    try:
+        from kombu.transport.redis import Channel
+    except ImportError:  # pragma: no cover - redis is a core dependency
+        return None
+    return Channel
+
+
+class AckBuffer:
+    """Collects messages to ack; ``call_soon`` (the worker's hub) schedules one :meth:`flush` per turn."""
+
+    def __init__(self, call_soon: Callable[[Callable[[], None]], Any]) -> None:
+        self._call_soon = call_soon
+        self._pending: list[tuple[Any, Any, Any]] = []  # (message, logger, connection errors)
+        self._scheduled = False
+        self.flushes = 0
+        self.acked = 0
+
+    def ack(self, message: Any) -> Callable[..., None]:
+        """The ``ack(logger, errors)`` callable Celery's request calls for ``message``."""
+
+        def deferred(log: Any = logger, errors: Any = (), *_: Any) -> None:
+            self._pending.append((message, log, errors))
+            if not self._scheduled:
+                self._scheduled = True
+                self._call_soon(self.flush)
+
+        return deferred
+
+    def flush(self) -> None:
+        """Ack everything collected so far."""
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.flushes += 1
+        redis_channel = _redis_channel_type()
+        by_channel: dict[int, list[tuple[Any, Any, Any]]] = {}
+        for entry in pending:
+            by_channel.setdefault(id(entry[0].channel), []).append(entry)
+        for entries in by_channel.values():
+            channel = entries[0][0].channel
+            if redis_channel is not None and isinstance(channel, redis_channel) and len(entries) > 1:
+                self._flush_redis(channel, entries)
+            else:
+                for message, log, errors in entries:
+                    self._ack_one(message, log, errors)
+
+    def _ack_one(self, message: Any, log: Any, errors: Any) -> None:
+        if message.acknowledged:
+            return
+        message.ack_log_error(log, errors)
+        self.acked += 1
+
+    def _flush_redis(self, channel: Any, entries: list[tuple[Any, Any, Any]]) -> None:
+        from kombu.transport.virtual import QoS
+
+        todo = [(m, log, errors) for m, log, errors in entries if not m.acknowledged]
+        if not todo:
+            return
+        qos = channel.qos
+        errors = todo[0][2]
+        try:
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                for message, _, _ in todo:
+                    qos._remove_from_indices(message.delivery_tag, pipe)
+                pipe.execute()
+        except Exception as exc:  # as Message.ack_log_error: a broken connection is logged, never raised here
+            if errors and isinstance(exc, errors):
+                todo[0][1].critical("Couldn't ack %d messages, reason:%r", len(todo), exc, exc_info=True)
+                return
+            raise
+        for message, _, _ in todo:
+            QoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]  # the channel's own bookkeeping (prefetch window)
+            message._state = "ACK"
+        self.acked += len(todo)

@@ -1,0 +1,91 @@
+"""A batch in a device process: decode each item, one call of the user's function per group, then each item
+traced as its own Celery task (its result, retries, signals), with the results written in one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from typing import Any
+
+from . import batch
+from .bulkstore import BulkStore
+from .tracing import decode, refuse, set_in_task, trace
+
+__all__ = ["run_batch"]
+
+# An item whose request has any of these keeps Celery's per-task result write: its callbacks, chord or
+# group may read the result from the backend right after the write, so it cannot wait for the batch's flush.
+_LINKED = ("callbacks", "errbacks", "chord", "group")
+
+
+def _group_key(kwargs: dict[str, Any]) -> str:
+    try:
+        return json.dumps(kwargs, sort_keys=True)
+    except (TypeError, ValueError):
+        return f"unique:{id(kwargs)}"  # not comparable as data: a group of its own
+
+
+def run_batch(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
+    """Run a ``batch`` frame; return the ``batch_done`` frame (one outcome per item, in order)."""
+    items: list[dict[str, Any]] = msg["items"]
+    done: list[dict[str, Any] | None] = [None] * len(items)
+    decoded: list[tuple[int, Any, Any, Any, Any]] = []  # (index, task, args, kwargs, embed)
+    groups: dict[str, list[int]] = {}
+    calls = 0
+    set_in_task(True)
+    try:
+        for i, item in enumerate(items):
+            item.setdefault("name", msg["name"])
+            try:
+                task, args, kwargs, embed = decode(app, item)
+                if not isinstance(getattr(task, "gpu_batch", None), batch.BatchOptions):
+                    raise TypeError(f"task {task.name} is not a batched task")
+                if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                    raise TypeError("the body is not [args, kwargs, embed]")
+            except Exception as exc:  # this item fails by name; the others run
+                done[i] = refuse(app, item, exc)
+                continue
+            decoded.append((i, task, args, kwargs, embed))
+            groups.setdefault(_group_key(kwargs), []).append(len(decoded) - 1)
+
+        outcome_of: dict[int, Any] = {}
+        elapsed: dict[int, float] = {}
+        for members in groups.values():
+            callable_members = []
+            for m in members:
+                i, task, args, kwargs, _ = decoded[m]
+                try:
+                    batch.item_of(task.name, args)
+                except Exception as exc:
+                    outcome_of[i] = exc
+                    continue
+                callable_members.append(m)
+            if not callable_members:
+                continue
+            task, kwargs = decoded[callable_members[0]][1], decoded[callable_members[0]][3]
+            started = time.monotonic()
+            results = batch.call_batch(task, [decoded[m][2][0] for m in callable_members], kwargs,
+                                       [items[decoded[m][0]]["request"] for m in callable_members])
+            calls += 1
+            took = time.monotonic() - started
+            for m, result in zip(callable_members, results, strict=True):
+                outcome_of[decoded[m][0]] = result
+                elapsed[decoded[m][0]] = took
+
+        with BulkStore(app.backend) as store:
+            for i, task, args, kwargs, embed in decoded:
+                batch.outcomes[items[i]["uuid"]] = outcome_of[i]
+                linked = any((items[i]["request"].get(k) or (embed or {}).get(k)) for k in _LINKED)
+                try:
+                    with store.direct() if linked else nullcontext():
+                        outcome = trace(app, task, items[i], args, kwargs, embed, hostname)
+                finally:
+                    batch.outcomes.pop(items[i]["uuid"], None)
+                outcome["runtime"] = elapsed.get(i, 0.0) + float(outcome.get("runtime") or 0.0)
+                done[i] = outcome
+    finally:
+        set_in_task(False)
+        batch.outcomes.clear()
+    return {"t": "batch_done", "job": msg["job"], "items": done, "calls": calls}

@@ -1,0 +1,66 @@
+"""Bulk submit on the producer side: ``task.submit_many(items)`` publishes many tasks in one go.
+
+Unlike Celery's ``task.map`` (one task over a list), every item becomes its own task (its own id and result),
+so a batched task's worker can coalesce them. The messages are published through one producer connection,
+and on Redis through kombu's publish batch (one pipeline per ``chunk`` messages) when kombu has it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Any
+
+from celery.result import ResultSet
+
+__all__ = ["GPUTaskMixin", "with_mixin"]
+
+_classes: dict[type, type] = {}
+
+
+class GPUTaskMixin:
+    """Adds :meth:`submit_many` to GPU tasks."""
+
+    def submit_many(
+        self, items: Iterable[Any], *, kwargs: dict[str, Any] | None = None, chunk: int = 1000, **options: Any,
+    ) -> ResultSet:
+        """Send one task per item (``task.apply_async((item,), kwargs, **options)``) in bulk.
+
+        Args:
+            items: the items; each becomes the single positional argument of one task.
+            kwargs: keyword arguments shared by every task.
+            chunk: messages per broker round trip where the transport batches publishes (Redis).
+            **options: any ``apply_async`` option (``queue``, ``countdown``, ``priority``...).
+
+        Returns:
+            A :class:`celery.result.ResultSet` of the tasks' results, in order (``.get()`` waits for all).
+        """
+        task: Any = self
+        results = []
+        with task.app.producer_or_acquire(options.pop("producer", None)) as producer:
+            batch = getattr(producer, "batch", None)
+            for start_items in _chunks(items, chunk):
+                with batch(max_size=chunk) if batch is not None else nullcontext():
+                    for item in start_items:
+                        results.append(task.apply_async((item,), kwargs or {}, producer=producer, **options))
+        return ResultSet(results, app=task.app)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def with_mixin(base: type) -> type:
+    """``base`` with :class:`GPUTaskMixin` mixed in (one class per base)."""
+    if issubclass(base, GPUTaskMixin):
+        return base
+    if base not in _classes:
+        _classes[base] = type(base.__name__, (GPUTaskMixin, base), {"__module__": base.__module__})
+    return _classes[base]
