@@ -5,13 +5,13 @@ from .batch import RetryItem
 from .devices import Device, current_device, discover, parse_memory
 from .errors import (
     AppNotImportable,
+    BatchArgumentError,
+    BatchResultMismatch,
     CeleryGPUError,
     DeviceSetupFailed,
     DeviceSpecError,
     FrameError,
     InsufficientDeviceMemory,
-    BatchArgumentError,
-    BatchResultMismatch,
     MalformedTaskMessage,
     NotInDeviceProcess,
 )

@@ -32,6 +32,8 @@ __all__ = ["RetryItem", "BatchOptions", "item_runner", "call_batch", "item_of", 
 
 #: Outcomes of the batch being traced in this device process, by task id (filled by ``batchrun``).
 outcomes: dict[str, Any] = {}
+#: Calls of batch functions made by :func:`call_batch` in this process (bisection included).
+calls = [0]
 _MISSING = object()
 
 
@@ -105,6 +107,7 @@ def call_batch(task: Any, items: list[Any], kwargs: dict[str, Any], requests: li
     opts: BatchOptions = task.gpu_batch
     if requests is not None and opts.bind:
         task.push_request(batch=requests, called_directly=False)
+    calls[0] += 1
     try:
         out = opts.fn(task, items, **kwargs) if opts.bind else opts.fn(items, **kwargs)
         results = list(out)

@@ -11,6 +11,8 @@ from typing import Any
 
 from . import batch
 from .bulkstore import BulkStore
+from .errors import FrameError
+from .frames import Channel
 from .tracing import decode, refuse, set_in_task, trace
 
 __all__ = ["run_batch"]
@@ -27,13 +29,28 @@ def _group_key(kwargs: dict[str, Any]) -> str:
         return f"unique:{id(kwargs)}"  # not comparable as data: a group of its own
 
 
-def run_batch(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
-    """Run a ``batch`` frame; return the ``batch_done`` frame (one outcome per item, in order)."""
+def _cancelled(chan: Channel | None) -> set[str]:
+    """Ids in ``cancel`` frames the pool sent while the batch ran (revoke with terminate of single items)."""
+    ids: set[str] = set()
+    while chan is not None and chan.pending():
+        msg = chan.read()
+        if not isinstance(msg, dict) or msg.get("t") != "cancel":
+            raise FrameError(f"unexpected frame during a batch: {msg!r:.100}")
+        ids.update(str(u) for u in msg.get("uuids") or ())
+    return ids
+
+
+def run_batch(app: Any, msg: dict[str, Any], hostname: str, chan: Channel | None = None) -> dict[str, Any]:
+    """Run a ``batch`` frame; return the ``batch_done`` frame (one outcome per item, in order).
+
+    Items cancelled by the pool while the call ran (``cancel`` frames on ``chan``) are not traced: no result
+    is stored for them and the pool reports them terminated.
+    """
     items: list[dict[str, Any]] = msg["items"]
     done: list[dict[str, Any] | None] = [None] * len(items)
     decoded: list[tuple[int, Any, Any, Any, Any]] = []  # (index, task, args, kwargs, embed)
     groups: dict[str, list[int]] = {}
-    calls = 0
+    calls_before = batch.calls[0]
     set_in_task(True)
     try:
         for i, item in enumerate(items):
@@ -68,14 +85,19 @@ def run_batch(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
             started = time.monotonic()
             results = batch.call_batch(task, [decoded[m][2][0] for m in callable_members], kwargs,
                                        [items[decoded[m][0]]["request"] for m in callable_members])
-            calls += 1
             took = time.monotonic() - started
             for m, result in zip(callable_members, results, strict=True):
                 outcome_of[decoded[m][0]] = result
                 elapsed[decoded[m][0]] = took
 
+        cancelled = _cancelled(chan)
         with BulkStore(app.backend) as store:
             for i, task, args, kwargs, embed in decoded:
+                if items[i]["uuid"] in cancelled:
+                    done[i] = {"failed": True, "cancelled": True, "runtime": elapsed.get(i, 0.0),
+                               "exc": {"type": "Terminated", "module": "billiard.exceptions",
+                                       "message": "revoked with terminate while its batch ran"}}
+                    continue
                 batch.outcomes[items[i]["uuid"]] = outcome_of[i]
                 linked = any((items[i]["request"].get(k) or (embed or {}).get(k)) for k in _LINKED)
                 try:
@@ -88,4 +110,4 @@ def run_batch(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
     finally:
         set_in_task(False)
         batch.outcomes.clear()
-    return {"t": "batch_done", "job": msg["job"], "items": done, "calls": calls}
+    return {"t": "batch_done", "job": msg["job"], "items": done, "calls": batch.calls[0] - calls_before}

@@ -102,8 +102,10 @@ def main() -> None:
             break
         if msg.get("t") == "stop":
             break
+        if msg.get("t") == "cancel":
+            continue  # came after its batch had already ended
         if msg.get("t") == "batch":
-            chan.write(run_batch(app, msg, hostname))
+            chan.write(run_batch(app, msg, hostname, chan))
         else:
             chan.write(run_task(app, msg, hostname))
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)

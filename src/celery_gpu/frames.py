@@ -51,6 +51,12 @@ class Channel:
             raise FrameError(f"frame of {len(body)} bytes exceeds the maximum of {self.max_frame}")
         self.sock.sendall(_HEADER.pack(len(body)) + body)
 
+    def pending(self) -> bool:
+        """Whether a frame (or the end of the stream) is waiting to be read, without blocking."""
+        import select
+
+        return bool(select.select([self.sock], [], [], 0)[0])
+
     def read(self) -> Any:
         """Read one frame.
 

@@ -128,8 +128,20 @@ class GPUPool(BasePool):  # type: ignore[misc]
                     slot.kill(sig)
 
     def _kill_if_all_terminated(self, slot: Slot, work: Batch, sig: int) -> None:
-        if slot.job is work and work.terminated is not None:
+        if slot.job is not work:
+            return
+        if work.terminated is not None:
             slot.kill(sig)
+            return
+        # Tell the process which items not to trace (their results must not be stored as successes).
+        ids = [j.task_id for j in work.jobs if j.terminated is not None and not j.cancel_sent]
+        if ids and slot.chan is not None:
+            try:
+                slot.chan.write({"t": "cancel", "job": work.seq, "uuids": ids})
+            except OSError:
+                return  # the process is gone: its exit ends the batch
+            for j in work.jobs:
+                j.cancel_sent = j.cancel_sent or j.terminated is not None
 
     def restart(self) -> None:
         """``celery control pool_restart``: replace every device process, each once its current task is done.

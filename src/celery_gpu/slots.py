@@ -58,6 +58,7 @@ class Job:
         self.soft_sent = False
         self.finished = False
         self.terminated: int | None = None
+        self.cancel_sent = False  # the device process was told not to trace it (terminated inside a batch)
         self.batch = batch  # set for an item of a batched task
         self.arrived = time.monotonic()
 

@@ -42,8 +42,19 @@ class GPUTaskMixin:
             for start_items in _chunks(items, chunk):
                 with batch(max_size=chunk) if batch is not None else nullcontext():
                     for item in start_items:
-                        results.append(task.apply_async((item,), kwargs or {}, producer=producer, **options))
+                        brief = _brief(item)
+                        extra = {"argsrepr": brief} if brief is not None and "argsrepr" not in options else {}
+                        results.append(task.apply_async((item,), kwargs or {}, producer=producer, **extra, **options))
         return ResultSet(results, app=task.app)
+
+
+def _brief(item: Any, head: int = 4, over: int = 16) -> str | None:
+    """A short ``argsrepr`` for a long list/tuple item (Celery's full ``saferepr`` of it costs more than the
+    rest of the publish); ``None`` to let Celery write its own."""
+    if isinstance(item, (list, tuple)) and len(item) > over:
+        shown = ", ".join(repr(x)[:32] for x in item[:head])
+        return f"([{shown}, ... {len(item)} items],)"
+    return None
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
