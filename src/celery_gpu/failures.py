@@ -50,15 +50,18 @@ def rebuild_einfo(exc: BaseException, remote_traceback: str | None = None, inter
 
 
 def rebuild_exception(d: dict[str, Any]) -> BaseException:
-    """The exception a :func:`describe_failure` record stands for (see the module docstring)."""
-    kind, message = d["kind"], d["message"]
+    """The exception a :func:`describe_failure` record stands for (see the module docstring).
+
+    A record missing fields (a confused device process) still gives an exception, never a ``KeyError``.
+    """
+    kind, message = d.get("kind", "error"), str(d.get("message", ""))
     exc: BaseException
     if kind == "retry":
         exc = Retry(message)
     elif kind == "reject":
-        exc = Reject(message, requeue=d["requeue"])
+        exc = Reject(message, requeue=bool(d.get("requeue")))
     elif kind == "ignore":
         exc = Ignore(message)
     else:
-        exc = create_exception_cls(str(d["type"]), str(d["module"]))(message)
+        exc = create_exception_cls(str(d.get("type") or "Exception"), str(d.get("module") or "builtins"))(message)
     return exc
