@@ -397,8 +397,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
 
     def _on_done(self, slot: Slot, msg: dict[str, Any]) -> None:
         work = self._release(slot)
-        slot.tasks_done += 1
-        slot.process_tasks += 1
+        ran = len(work.jobs) if work is not None else 1  # a batch counts as its items (--max-tasks-per-child)
+        slot.tasks_done += ran
+        slot.process_tasks += ran
         if slot.state == "busy":
             if slot.recycle_due or (self._max_tasks and slot.process_tasks >= self._max_tasks):
                 self._recycle(slot)
