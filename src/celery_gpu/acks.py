@@ -58,7 +58,7 @@ class AckBuffer:
         for entry in pending:
             by_channel.setdefault(id(entry[0].channel), []).append(entry)
         for entries in by_channel.values():
-            channel = entries[0][0].channel
+            channel: Any = entries[0][0].channel
             if (redis_channel is not None and isinstance(channel, redis_channel) and len(entries) > 1
                     and hasattr(channel.qos, "_remove_from_indices")):  # not with ack_emulation=False
                 self._flush_redis(channel, entries)
