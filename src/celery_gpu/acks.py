@@ -59,8 +59,8 @@ class AckBuffer:
             by_channel.setdefault(id(entry[0].channel), []).append(entry)
         for entries in by_channel.values():
             channel: Any = entries[0][0].channel
-            if (redis_channel is not None and isinstance(channel, redis_channel) and len(entries) > 1
-                    and hasattr(channel.qos, "_remove_from_indices")):  # not with ack_emulation=False
+            keeps_unacked = hasattr(getattr(channel, "qos", None), "_remove_from_indices")  # not ack_emulation=False
+            if redis_channel is not None and isinstance(channel, redis_channel) and len(entries) > 1 and keeps_unacked:
                 self._flush_redis(channel, entries)
             else:
                 for message, log, errors in entries:
