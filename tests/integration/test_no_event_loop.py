@@ -27,6 +27,9 @@ def test_pool_thread_runs_tasks_limits_and_respawns(embedded_url: str, tmp_path:
     def setups() -> int:  # no remote control on this transport: count finished setup hooks instead
         return len(w.setup_log.read_text().splitlines()) if w.setup_log.exists() else 0
 
+    def readies() -> int:  # the pool logs a process as ready only after its setup, when it takes work
+        return w.log().count(" ready, pid ")
+
     try:
         assert wait_until(lambda: setups() == 2, 60), w.log()
         results = [w.app.send_task(T + "where", args=[i]) for i in range(40)]
@@ -37,7 +40,7 @@ def test_pool_thread_runs_tasks_limits_and_respawns(embedded_url: str, tmp_path:
         victim = w.app.send_task(T + "where", args=[0]).get(timeout=30)["pid"]
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: not alive(victim), 10)
-        assert wait_until(lambda: setups() == 4, 60), w.log()  # its replacement is up
+        assert wait_until(lambda: setups() == 4 and readies() == 4, 60), w.log()  # its replacement is up
         pids = {w.app.send_task(T + "where", args=[i]).get(timeout=30)["pid"] for i in range(20)}
         assert victim not in pids and len(pids) == 2
     finally:
