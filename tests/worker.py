@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Worker:
-    """A worker subprocess running ``tests.apps.basic`` on its own queue."""
+    """A worker subprocess running ``app_module`` (``tests.apps.basic`` by default) on its own queue."""
 
     def __init__(self, broker: Any, tmp: Path, devices: str = "fake:4", per_device: int = 1,
-                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), cli: bool = False) -> None:
+                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), cli: bool = False,
+                 app_module: str = "tests.apps.basic") -> None:
+        self.app_module = app_module
         self.queue = f"q-{uuid.uuid4().hex[:10]}"
         self.name = f"{self.queue}@test"
         self.log_path = tmp / f"{self.queue}.log"
@@ -38,10 +40,10 @@ class Worker:
     def start(self) -> Worker:
         self._log = open(self.log_path, "wb")
         if self.cli:  # `celery-gpu worker --gpus ... --per-gpu ...`, the project's own command
-            command = ["-m", "celery_gpu.cli", "worker", "-A", "tests.apps.basic",
+            command = ["-m", "celery_gpu.cli", "worker", "-A", self.app_module,
                        "--gpus", self.env.pop("CELERY_GPU_DEVICES"), "--per-gpu", self.env.pop("CELERY_GPU_PER_DEVICE")]
         else:  # the stock `celery worker`: GPU(app) selects the pool
-            command = ["-m", "celery", "-A", "tests.apps.basic", "worker"]
+            command = ["-m", "celery", "-A", self.app_module, "worker"]
         self.proc = subprocess.Popen(
             [sys.executable, *command, "-l", "info", "-n", self.name,
              "-Q", self.queue, "--without-mingle", "--without-gossip", *self.args],

@@ -188,17 +188,23 @@ class GPUPool(BasePool):  # type: ignore[misc]
     def on_close(self) -> None:
         self._closing = True
 
+    def _batching_info(self) -> dict[str, dict[str, Any]]:
+        """Per batched task: batches run, items in them, calls made (bisection included), items waiting now."""
+        waiting = self._batcher.waiting()
+        info = {}
+        for name in sorted(set(self._batch_stats) | set(waiting)):
+            b, i, c = self._batch_stats.get(name, (0, 0, 0))
+            info[name] = {"batches": b, "items": i, "calls": c, "mean_batch": round(i / b, 2) if b else 0.0,
+                          "waiting": waiting.get(name, 0)}
+        return info
+
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
         info.update({
             "max-concurrency": len(self.slots),
             "processes": [s.pid for s in self.slots if s.proc is not None],
             "pending": len(self._pending) + len(self._batcher),
-            "batching": {
-                name: {"batches": b, "items": i, "calls": c, "mean_batch": round(i / b, 2) if b else 0.0,
-                       "waiting": self._batcher.waiting().get(name, 0)}
-                for name, (b, i, c) in self._batch_stats.items()
-            },
+            "batching": self._batching_info(),
             "devices": [
                 {
                     "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,

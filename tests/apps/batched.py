@@ -86,6 +86,13 @@ def auto(items: list[int]) -> list[Any]:
 
 
 @gpu.task
+def nap(seconds: float) -> float:
+    """An unbatched task that keeps its device process busy for ``seconds``."""
+    time.sleep(seconds)
+    return seconds
+
+
+@gpu.task
 def plain(x: int) -> int:
     """An unbatched GPU task sharing the worker."""
     return x + 1
