@@ -90,10 +90,7 @@ class BulkStore:
                 if old is not None and backend.decode_result(old).get("status") == states.SUCCESS:
                     continue  # as Celery: a stored success is final (a redelivered duplicate must not undo it)
                 expires = backend.failure_expires if state == states.FAILURE else backend.expires
-                if expires:
-                    pipe.setex(key, expires, value)
-                else:
-                    pipe.set(key, value)
+                pipe.set(key, value, ex=expires or None)
                 pipe.publish(key, value)
             pipe.execute()
         self.writes += 2
