@@ -61,10 +61,12 @@ class GPU:
             conf["gpu_per_device"] = per_device
         app.conf.update(conf)
         _by_app[app] = self
+        from .bulkrecv import BulkReceive
         from .prefetch import BatchPrefetch
 
-        if BatchPrefetch not in app.steps["consumer"]:
-            app.steps["consumer"].add(BatchPrefetch)
+        for step in (BatchPrefetch, BulkReceive):
+            if step not in app.steps["consumer"]:
+                app.steps["consumer"].add(step)
         signals.worker_init.connect(self._size_worker, weak=False)
 
     @classmethod

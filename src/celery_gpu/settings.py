@@ -10,6 +10,7 @@ per_device            ``gpu_per_device``           ``CELERY_GPU_PER_DEVICE``    
 max_frame             ``gpu_max_frame``            ``CELERY_GPU_MAX_FRAME``         1 GiB
 start_attempts        ``gpu_start_attempts``       ``CELERY_GPU_START_ATTEMPTS``    ``3``
 shutdown_timeout      ``gpu_shutdown_timeout``     ``CELERY_GPU_SHUTDOWN_TIMEOUT``  ``60``
+bulk_receive          ``gpu_bulk_receive``         ``CELERY_GPU_BULK_RECEIVE``      ``256``
 ====================  ===========================  ===============================  =========
 """
 
@@ -35,6 +36,8 @@ class Settings:
         max_frame: largest message (bytes) accepted on a device-process pipe.
         start_attempts: consecutive failed starts of a slot before its device is marked failed.
         shutdown_timeout: seconds a warm shutdown waits for in-flight tasks before killing them.
+        bulk_receive: on a Redis broker, messages taken in one extra round trip after each ``BRPOP`` reply
+            (within the prefetch window); 0 receives one message per round trip, as kombu does.
     """
 
     devices: str = "all"
@@ -42,12 +45,15 @@ class Settings:
     max_frame: int = MAX_FRAME
     start_attempts: int = 3
     shutdown_timeout: float = 60.0
+    bulk_receive: int = 256
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
             raise ValueError(f"per_device must be >= 1, got {self.per_device}")
         if self.start_attempts < 1:
             raise ValueError(f"start_attempts must be >= 1, got {self.start_attempts}")
+        if self.bulk_receive < 0:
+            raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
 
     @classmethod
     def from_app(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:

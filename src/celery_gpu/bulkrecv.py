@@ -1,0 +1,191 @@
+"""Receiving from Redis in bulk: after each ``BRPOP`` reply, up to ``n`` more messages in one round trip.
+
+kombu's Redis transport receives one message per ``BRPOP`` and then writes it to the unacked index with a
+second, synchronous round trip: two round trips in the worker's main process for every task, which caps how
+fast a worker can fill batches. When the reply of a ``BRPOP`` arrives, :func:`install`'s reader also pops up
+to ``n`` more messages from the same list (``RPOP key count``, Redis >= 6.2) and writes all of them to the
+unacked index in one pipeline, *before* any is handed to Celery (so an early ack never races the index
+write). Then each message is delivered exactly as kombu would deliver it. The prefetch window is respected:
+never more than the channel's QoS still allows. The popped messages are unacked (restored on a lost worker
+after the visibility timeout, as always); the window in which a popped message is in neither the list nor
+the index is the one kombu already has for each ``BRPOP``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from functools import cache
+from queue import Empty  # what kombu's virtual transport raises for "nothing received"
+from time import time
+from typing import Any
+
+from celery import bootsteps
+
+__all__ = ["BulkReceive", "install", "installed"]
+
+logger = logging.getLogger("celery_gpu.bulkrecv")
+
+
+def _is_redis_channel(channel: Any) -> bool:
+    try:
+        from kombu.transport.redis import Channel
+    except ImportError:  # pragma: no cover - redis is a core dependency
+        return False
+    return isinstance(channel, Channel)
+
+
+@cache
+def _kombu() -> Any:
+    """kombu's JSON, bytes and virtual-transport helpers (untyped: reached through ``Any``)."""
+    import kombu.transport.virtual.base as virtual
+    import kombu.utils.encoding as encoding
+    import kombu.utils.json as kjson
+
+    class Helpers:
+        loads, dumps, bytes_to_str = kjson.loads, kjson.dumps, encoding.bytes_to_str
+        QoS = virtual.QoS
+
+    return Helpers
+
+
+def installed(channel: Any) -> bool:
+    """Whether ``channel`` receives in bulk."""
+    return getattr(channel, "_celery_gpu_bulk", 0) > 0
+
+
+def install(channel: Any, n: int) -> bool:
+    """Make a kombu Redis ``channel`` receive up to ``n`` extra messages per ``BRPOP`` reply.
+
+    Returns False (and changes nothing) for other transports, for ``n < 1``, or for a channel whose QoS has no
+    unacked index (``ack_emulation=False``: kombu's plain receive costs one round trip there already).
+    """
+    if n < 1 or not _is_redis_channel(channel):
+        return False
+    if not hasattr(getattr(channel, "qos", None), "_remove_from_indices"):
+        return False
+    channel._celery_gpu_bulk = n
+    channel.handlers["BRPOP"] = lambda **options: _brpop_read(channel, **options)
+    return True
+
+
+def _extra(channel: Any) -> int:
+    """How many more messages the channel may take now (besides the one just received)."""
+    allowed = channel.qos.can_consume_max_estimate()  # None: no prefetch limit
+    room = int(channel._celery_gpu_bulk if allowed is None else min(channel._celery_gpu_bulk, allowed - 1))
+    return max(room, 0)
+
+
+def _brpop_read(channel: Any, **options: Any) -> bool:
+    """kombu's ``Channel._brpop_read``, taking up to ``n`` more messages from the list that answered."""
+    k = _kombu()
+    try:
+        try:
+            dest__item = channel.client.parse_response(channel.client.connection, "BRPOP", **options)
+        except channel.connection_errors:
+            channel.client.connection.disconnect()  # the next poll reconnects
+            raise
+        if not dest__item:
+            raise Empty()
+        key, item = dest__item
+        dest = k.bytes_to_str(key).rsplit(channel.sep, 1)[0]
+        channel._queue_cycle.rotate(dest)
+        payloads = [k.loads(k.bytes_to_str(item))]
+        payloads.extend(_take_more(channel, key, payloads[0], _extra(channel)))
+        with _index_written(channel.qos):
+            for i, payload in enumerate(payloads):
+                try:
+                    channel.connection._deliver(payload, dest)
+                except BaseException:
+                    _give_back(channel, payloads[i + 1:])
+                    raise
+        return True
+    finally:
+        channel._in_poll = None
+        flush = getattr(channel, "_flush_brpop_reauth", None)
+        if flush is not None:
+            flush()
+
+
+def _take_more(channel: Any, key: Any, first: dict[str, Any], extra: int) -> list[dict[str, Any]]:
+    """Pop up to ``extra`` more messages from ``key``, and write the unacked index of all of them."""
+    from redis.exceptions import ResponseError
+
+    k = _kombu()
+    more: list[dict[str, Any]] = []
+    with channel.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        _index(channel.qos, pipe, first)
+        if extra:
+            pipe.rpop(key, extra)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        finally:
+            pipe.reset()
+        for reply in replies[:2]:  # ZADD, HSET of the first message: a failure there is kombu's failure
+            if isinstance(reply, Exception):
+                raise reply
+        if extra:
+            popped = replies[2]
+            if isinstance(popped, ResponseError):  # a Redis before 6.2 has no RPOP count: receive one by one
+                logger.warning("celery-gpu: this Redis cannot pop several messages at once (%s); "
+                               "receiving one message per round trip", popped)
+                channel._celery_gpu_bulk = 0
+                channel.handlers["BRPOP"] = channel._brpop_read
+            elif isinstance(popped, Exception):
+                raise popped
+            elif popped:
+                more = [k.loads(k.bytes_to_str(raw)) for raw in popped]
+        if more:
+            pipe = client.pipeline(transaction=False)
+            for payload in more:
+                _index(channel.qos, pipe, payload)
+            pipe.execute()
+    return more
+
+
+def _give_back(channel: Any, payloads: list[dict[str, Any]]) -> None:
+    """Return popped messages that were never delivered to their queue at once (not after the visibility
+    timeout)."""
+    for payload in reversed(payloads):  # each goes back to the consuming end: the first ends up next again
+        try:
+            channel.qos.restore_by_tag(payload["properties"]["delivery_tag"])
+        except Exception:  # still in the unacked index: restored after the visibility timeout
+            logger.exception("celery-gpu: could not return an undelivered message to its queue")
+
+
+def _index(qos: Any, pipe: Any, payload: dict[str, Any]) -> None:
+    """Queue the unacked-index writes of one message, as kombu's Redis ``QoS.append`` does."""
+    props = payload["properties"]
+    info = props.get("delivery_info") or {}
+    tag = props["delivery_tag"]
+    pipe.zadd(qos.unacked_index_key, {tag: time()})
+    pipe.hset(qos.unacked_key, tag, _kombu().dumps([payload, info.get("exchange"), info.get("routing_key")]))
+
+
+@contextmanager
+def _index_written(qos: Any) -> Any:
+    """Inside, ``qos.append`` keeps kombu's in-memory bookkeeping only: the index was written already."""
+    virtual_append = _kombu().QoS.append
+    qos.append = lambda message, delivery_tag: virtual_append(qos, message, delivery_tag)
+    try:
+        yield
+    finally:
+        del qos.append
+
+
+class BulkReceive(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: the task consumer's Redis channel receives in bulk (``gpu_bulk_receive`` messages
+    per extra round trip; 0 turns it off). Runs again after every reconnect, on the new channel."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    label = "celery-gpu bulk receive"
+
+    def start(self, c: Any) -> None:
+        from .settings import Settings
+
+        consumer = getattr(c, "task_consumer", None)
+        channel = getattr(consumer, "channel", None)
+        n = Settings.from_app(c.app.conf).bulk_receive
+        if channel is not None and install(channel, n):
+            logger.debug("celery-gpu: receiving up to %d extra messages per BRPOP", n)
