@@ -316,3 +316,39 @@ def test_acks_on_redis_leave_the_unacked_index_in_one_pipeline(embedded_url: str
         qos = channel.qos  # kombu forgets acked tags lazily: acked means marked dirty, or gone
         assert all(t in qos._dirty or t not in qos._delivered for t in tags)
         simple.close()
+
+
+# -- the result set of submit_many ---------------------------------------------------------------------------
+
+
+def test_submit_many_results_poll_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's ResultSet.get sleeps ``interval`` (0.5 s) once on Redis before listening; ours polls at 5 ms."""
+    from celery.result import ResultSet
+
+    from celery_gpu.submit import POLL_INTERVAL, ItemResults
+
+    seen: list[float] = []
+    monkeypatch.setattr(ResultSet, "join_native", lambda self, **kw: seen.append(kw["interval"]) or [])
+    monkeypatch.setattr(ResultSet, "supports_native_join", property(lambda self: True))
+    results = ItemResults([], app=Celery("r", set_as_current=False))
+    results.get()
+    results.get(interval=0.1)
+    assert seen == [POLL_INTERVAL, 0.1] and POLL_INTERVAL <= 0.01
+
+
+def test_submit_many_sends_one_task_per_item(gpu_app: tuple[Celery, GPU]) -> None:
+    from celery_gpu.submit import ItemResults
+
+    app, gpu = gpu_app
+    app.conf.broker_url = "memory://"
+    app.conf.result_backend = "cache+memory://"
+
+    def double(items: list[int]) -> list[int]:
+        return [2 * x for x in items]
+
+    task = make_task(gpu, double)
+    results = task.submit_many(range(5), chunk=2)
+    assert isinstance(results, ItemResults) and len(results.results) == 5
+    assert len({r.id for r in results.results}) == 5
+    with pytest.raises(TypeError):  # Celery checks the call against the user's function
+        task.submit_many([1], kwargs={"nope": 1})
