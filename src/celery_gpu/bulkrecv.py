@@ -90,8 +90,9 @@ def _brpop_read(channel: Any, **options: Any) -> bool:
         key, item = dest__item
         dest = k.bytes_to_str(key).rsplit(channel.sep, 1)[0]
         channel._queue_cycle.rotate(dest)
-        payloads = [k.loads(k.bytes_to_str(item))]
-        payloads.extend(_take_more(channel, key, payloads[0], _extra(channel)))
+        first = k.bytes_to_str(item)
+        payloads = [k.loads(first)]
+        payloads.extend(_take_more(channel, key, (first, payloads[0]), _extra(channel)))
         with _index_written(channel.qos):
             for i, payload in enumerate(payloads):
                 try:
@@ -107,15 +108,15 @@ def _brpop_read(channel: Any, **options: Any) -> bool:
             flush()
 
 
-def _take_more(channel: Any, key: Any, first: dict[str, Any], extra: int) -> list[dict[str, Any]]:
+def _take_more(channel: Any, key: Any, first: tuple[str, dict[str, Any]], extra: int) -> list[dict[str, Any]]:
     """Pop up to ``extra`` more messages from ``key``, and write the unacked index of all of them."""
     from redis.exceptions import ResponseError
 
     k = _kombu()
-    more: list[dict[str, Any]] = []
+    more: list[tuple[str, dict[str, Any]]] = []
     with channel.conn_or_acquire() as client:
         pipe = client.pipeline(transaction=False)
-        _index(channel.qos, pipe, first)
+        _index(channel.qos, pipe, *first)
         if extra:
             pipe.rpop(key, extra)
         try:
@@ -135,13 +136,14 @@ def _take_more(channel: Any, key: Any, first: dict[str, Any], extra: int) -> lis
             elif isinstance(popped, Exception):
                 raise popped
             elif popped:
-                more = [k.loads(k.bytes_to_str(raw)) for raw in popped]
+                raws = [k.bytes_to_str(raw) for raw in popped]
+                more = [(raw, k.loads(raw)) for raw in raws]
         if more:
             pipe = client.pipeline(transaction=False)
-            for payload in more:
-                _index(channel.qos, pipe, payload)
+            for raw, payload in more:
+                _index(channel.qos, pipe, raw, payload)
             pipe.execute()
-    return more
+    return [payload for _, payload in more]
 
 
 def _give_back(channel: Any, payloads: list[dict[str, Any]]) -> None:
@@ -154,13 +156,15 @@ def _give_back(channel: Any, payloads: list[dict[str, Any]]) -> None:
             logger.exception("celery-gpu: could not return an undelivered message to its queue")
 
 
-def _index(qos: Any, pipe: Any, payload: dict[str, Any]) -> None:
-    """Queue the unacked-index writes of one message, as kombu's Redis ``QoS.append`` does."""
+def _index(qos: Any, pipe: Any, raw: str, payload: dict[str, Any]) -> None:
+    """Queue the unacked-index writes of one message, as kombu's Redis ``QoS.append`` does (the entry is the
+    JSON ``[message, exchange, routing_key]``, built around the message's JSON as received, not re-encoded)."""
+    k = _kombu()
     props = payload["properties"]
     info = props.get("delivery_info") or {}
     tag = props["delivery_tag"]
     pipe.zadd(qos.unacked_index_key, {tag: time()})
-    pipe.hset(qos.unacked_key, tag, _kombu().dumps([payload, info.get("exchange"), info.get("routing_key")]))
+    pipe.hset(qos.unacked_key, tag, f"[{raw}, {k.dumps(info.get('exchange'))}, {k.dumps(info.get('routing_key'))}]")
 
 
 @contextmanager

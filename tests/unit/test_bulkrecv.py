@@ -109,3 +109,17 @@ def test_a_failing_delivery_gives_the_rest_back_at_once(conn: Connection) -> Non
 def test_other_transports_are_left_alone() -> None:
     with Connection("memory://") as c:
         assert not install(c.channel(), 256)
+
+
+def test_the_unacked_entry_restores_the_message_as_sent(conn: Connection) -> None:
+    import json
+
+    queue = fill(conn, 3)
+    channel, got = consume(conn, queue, prefetch=None, bulk=256)
+    conn.drain_events(timeout=5)
+    for m in got:
+        message, exchange, routing_key = json.loads(channel.client.hget(channel.unacked_key, m.delivery_tag))
+        assert message == m._raw
+        assert (exchange, routing_key) == (m.delivery_info["exchange"], m.delivery_info["routing_key"])
+    channel.qos.restore_unacked()
+    assert int(channel.client.llen(queue.name)) == 3, "restored to the queue from the index"
