@@ -1,7 +1,8 @@
 """Plain-Celery path of ``benchmarks/overhead.py``: prefork pool, spawned children, MLP built per child.
 
 Run by the benchmark as ``celery -A benchmarks._overhead_plain_app worker --pool prefork --concurrency 2``;
-the broker and result backend URL come from ``OVERHEAD_BROKER``. The model is built in a
+the broker and result backend URL come from ``OVERHEAD_BROKER`` (and the serializer from ``BENCH_SERIALIZER``,
+``json`` by default, for ``benchmarks/batching.py --serializer``). The model is built in a
 ``worker_process_init`` handler, the usual way to load a model once per prefork child.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from benchmarks._batching_model import serializer_conf
 from benchmarks._overhead_model import build_model, infer
 
 QUEUE = "overhead-plain-celery"
@@ -28,6 +30,7 @@ app.conf.update(
     result_expires=600,  # a shared Redis keeps the benchmark's results for 10 minutes only
     worker_pool_start_method="spawn",
     worker_proc_alive_timeout=120.0,  # importing torch and building the model can take seconds per child
+    **serializer_conf(),
 )
 
 _model: Any = None

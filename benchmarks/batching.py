@@ -1,0 +1,636 @@
+"""How far does batching take celery-gpu past plain Celery, end to end, on a small model?
+
+The anchor workload of ``benchmarks/overhead.py`` (MLP 512 -> 2048 -> 2048 -> 512, float32, one thread per
+process, one 1x512 input per task sent as a list of floats, one float back) through five paths on one broker:
+
+1. ``batched_bulk``: a celery-gpu worker (``CELERY_GPU_DEVICES=cpu``, ``--per-device`` device processes, one by
+   default), the batched task ``@gpu.task(batch=64, max_wait_ms=5)``, items sent with ``task.submit_many``.
+2. ``batched_delay``: the same worker and task, each item sent with its own ``.delay(x)``.
+3. ``unbatched``: the same worker, a plain ``@gpu.task`` of one item, sent with ``.delay(x)``.
+4. ``plain_celery``: stock Celery prefork, ``--concurrency 2``, spawned children, the model built in
+   ``worker_process_init`` (``benchmarks._overhead_plain_app``).
+5. ``in_process``: no Celery: the items through the model in batches of 64 in this process (the ceiling).
+
+Per path: items/s end to end (N items submitted as fast as possible, until every result is back), the p50 of
+sequential single-item round trips, the mean batch size (from the worker's ``inspect stats``), and the CPU
+time per item of the worker (main process and device processes apart), of this client and of the broker. The
+last line printed is one JSON object (also written to ``--out``).
+
+Usage::
+
+    python benchmarks/batching.py [--quick] [--broker redis://127.0.0.1:6379/10] [--out results.json]
+                                  [--paths batched_bulk,plain_celery] [--serializer msgpack] [--per-device 1]
+                                  [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._batching_model import BATCH_SIZE, MAX_WAIT_MS, SERIALIZER_ENV, infer_batch  # noqa: E402
+from benchmarks._overhead_model import build_model, infer, make_inputs  # noqa: E402
+from benchmarks.overhead import (  # noqa: E402
+    READY_TIMEOUT,
+    REL_TOLERANCE,
+    RESULT_TIMEOUT,
+    Worker,
+    _exit_code,
+    _exit_on_sigterm,
+    celery_worker,
+    child_env,
+    descendants,
+    machine,
+    redact,
+    wait_result,
+)
+
+PATHS = ("in_process", "batched_bulk", "batched_delay", "unbatched", "plain_celery")
+GPU_PATHS = ("batched_bulk", "batched_delay", "unbatched")  # served by one celery-gpu worker, one after another
+GPU_APP = "benchmarks._batching_gpu_app"
+PLAIN_APP = "benchmarks._overhead_plain_app"
+PLAIN_PROCESSES = 2  # prefork children of the plain worker, as in overhead.py
+INPUT_POOL = 32  # distinct inputs, cycled through
+GOAL_RATIO = 20.0  # batched_bulk items/s over plain Celery's
+GOAL_IDLE_LATENCY_MS = 1.0  # batched p50 minus plain p50, at most
+WARM_ROUND_TRIPS = 10
+_LOUD = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+# ``interval`` of ``ResultSet.get`` for the ``.delay`` paths. On a Redis backend Celery's ``ResultSet.get`` first
+# MGETs every result and, if one is not ready, sleeps ``interval`` once before it listens for the rest (0.5 s by
+# default). ``submit_many`` returns celery-gpu's ``ItemResults``, whose default is 5 ms: it is used as is.
+COLLECT_INTERVAL = 0.001
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many items each measurement uses."""
+
+    items: int  # throughput run of every path
+    sequential: int  # round trips for the p50
+    warmup: int  # items sent in bulk before the measurements (after every input was seen once)
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Sizes:
+        return cls(items=1000, sequential=50, warmup=100) if quick else cls(items=2000, sequential=200, warmup=200)
+
+
+@dataclass
+class PathResult:
+    """The figures of one path."""
+
+    name: str
+    items_per_s: float
+    p50_ms: float
+    seconds: float  # the throughput run, submit to last result
+    submit_s: float | None = None  # of which: sending every item (Celery paths)
+    mean_batch: float | None = None  # batched paths: items / batches during the throughput run
+    batches: int | None = None
+    calls: int | None = None  # calls of the batch function (more than batches only when a batch failed)
+    cpu_ms_per_item: dict[str, float | None] = field(default_factory=dict)
+    p90_ms: float | None = None
+    profile: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "items_per_s": round(self.items_per_s, 2), "p50_ms": round(self.p50_ms, 3),
+            "p90_ms": None if self.p90_ms is None else round(self.p90_ms, 3),
+            "seconds": round(self.seconds, 3),
+            "submit_s": None if self.submit_s is None else round(self.submit_s, 3),
+            "mean_batch": None if self.mean_batch is None else round(self.mean_batch, 2),
+            "batches": self.batches, "calls": self.calls, "cpu_ms_per_item": self.cpu_ms_per_item,
+        }
+        if self.profile is not None:
+            out["profile"] = self.profile
+        return out
+
+
+# -- CPU accounting ----------------------------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one live process, from ``/proc/<pid>/stat`` (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime(11) stime(12)
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds used so far by each party of a run."""
+
+    client: float  # this process (every thread)
+    worker_main: float | None = None  # the ``celery worker`` process: consumer, acks, the pool's dispatch
+    worker_children: dict[int, float] = field(default_factory=dict)  # device processes / prefork children
+    broker: float | None = None  # the Redis server (``INFO cpu``); shared with anything else using it
+
+    @classmethod
+    def take(cls, worker: Worker | None, broker_cpu: Callable[[], float | None]) -> CpuSnapshot:
+        times = os.times()
+        if worker is None:
+            return cls(times.user + times.system, broker=broker_cpu())
+        children = {pid: proc_cpu_s(pid) for pid in descendants(worker.proc.pid)}
+        return cls(times.user + times.system, proc_cpu_s(worker.proc.pid), children, broker_cpu())
+
+
+def cpu_per_item(before: CpuSnapshot, after: CpuSnapshot, items: int) -> dict[str, float | None]:
+    """Milliseconds of CPU per item between two snapshots, per party and in total."""
+
+    def ms(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(1000 * max(0.0, b - a) / items, 4)
+
+    out: dict[str, float | None] = {"client": ms(before.client, after.client)}
+    if after.worker_main is not None:
+        children = sum(cpu - before.worker_children.get(pid, 0.0) for pid, cpu in after.worker_children.items())
+        out["worker_main"] = ms(before.worker_main, after.worker_main)
+        out["worker_children"] = ms(0.0, children)
+    out["broker"] = ms(before.broker, after.broker)
+    out["total"] = round(sum(v for v in out.values() if v is not None), 4)
+    return out
+
+
+def broker_cpu_probe(app: Any) -> Callable[[], float | None]:
+    """A function returning the broker's CPU seconds (``INFO cpu`` of the result backend's Redis), or None."""
+
+    def probe() -> float | None:
+        try:
+            info = app.backend.client.info("cpu")
+            return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        except Exception:  # not Redis, or no INFO: the broker's share is left out
+            return None
+
+    return probe
+
+
+# -- profiling the worker's main process -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiled(targets: dict[str, int], out_dir: Path | None, prefix: str) -> Iterator[dict[str, Any]]:
+    """Sample each ``{label: pid}`` with py-spy while inside (when ``out_dir`` is set): raw stacks to
+    ``out_dir/<prefix>.<label>.raw.txt``; the yielded dict gets a summary per label once it exits."""
+    summary: dict[str, Any] = {}
+    if out_dir is None:
+        yield summary
+        return
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
+    for label, pid in targets.items():
+        out = out_dir / f"{prefix}.{label}.raw.txt"
+        procs[label] = out, subprocess.Popen(
+            [py_spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "--nonblocking", "-o", str(out)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.5)  # attach before the measurement starts
+    try:
+        yield summary
+    finally:
+        for label, (out, proc) in procs.items():
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if out.exists():
+                summary[label] = {**summarize_profile(out), "raw": str(out)}
+            else:
+                summary[label] = {"error": err.decode(errors="replace")[-500:]}
+
+
+def summarize_profile(raw: Path, top: int = 12) -> dict[str, Any]:
+    """Top functions of a py-spy ``raw`` (collapsed stacks) file: by own samples and by inclusive samples."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = [_short_frame(f) for f in stack.split(";") if f]
+        if frames:
+            own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def shares(counter: Counter[str]) -> list[list[Any]]:
+        return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)] if total else []
+
+    return {"samples": total, "top_own_pct": shares(own), "top_inclusive_pct": shares(inclusive)}
+
+
+def _short_frame(frame: str) -> str:
+    """``"ack (kombu/transport/redis.py:123)"`` -> ``"ack (kombu/transport/redis.py)"``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/src/", "/lib/python"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})" if where else name
+
+
+# -- Celery paths --------------------------------------------------------------------------------------------
+
+
+def wait_ready(app_module: ModuleType, worker: Worker, processes: int) -> None:
+    """Block until every one of the worker's ``processes`` processes has run a task."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    seen: set[int] = set()
+    while len(seen) < processes:
+        batch = [app_module.whoami.delay(0.2) for _ in range(2 * processes)]
+        seen |= {int(wait_result(r, worker, deadline)) for r in batch}
+    worker.pids |= seen
+
+
+def collect(result_set: Any, worker: Worker) -> list[Any]:
+    """Every result of a ``ResultSet``, in order; fails if the worker dies or ``RESULT_TIMEOUT`` passes."""
+    deadline = time.monotonic() + RESULT_TIMEOUT
+
+    def on_interval() -> None:
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no results from {worker.hostname} in time:\n{worker.log_tail()}")
+
+    from celery_gpu.submit import ItemResults
+
+    extra = {} if isinstance(result_set, ItemResults) else {"interval": COLLECT_INTERVAL}
+    return list(result_set.get(timeout=RESULT_TIMEOUT, on_interval=on_interval, **extra))
+
+
+def send(task: Any, items: list[list[float]], bulk: bool) -> Any:
+    """Send one task per item: ``submit_many`` (bulk) or one ``.delay`` each; a ``ResultSet``."""
+    from celery.result import ResultSet
+
+    if bulk:
+        return task.submit_many(items)
+    return ResultSet([task.delay(x) for x in items], app=task.app)
+
+
+def round_trips(task: Any, inputs: list[list[float]], count: int, bulk: bool) -> list[float]:
+    """Seconds of each of ``count`` sequential single-item round trips (``.delay(x).get()``, or
+    ``submit_many([x]).get()`` for the bulk path)."""
+    times = []
+    for i in range(count):
+        x = inputs[i % len(inputs)]
+        started = time.perf_counter()
+        if bulk:
+            task.submit_many([x]).get(timeout=60)  # ItemResults: the user's plain call
+        else:
+            task.delay(x).get(timeout=60)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def check_outputs(name: str, values: list[Any], expected: list[float]) -> None:
+    """Item ``i`` was ``expected[i % len(expected)]``: fail loudly on any difference beyond float rounding."""
+    if len(values) == 0:
+        raise RuntimeError(f"{name}: no results")
+    for i, value in enumerate(values):
+        want = expected[i % len(expected)]
+        if abs(float(value) - want) > REL_TOLERANCE * max(1.0, abs(want)):
+            raise RuntimeError(f"{name}: item {i} returned {value}, expected {want}")
+
+
+def batching_stats(app: Any, hostname: str, task_name: str) -> dict[str, Any]:
+    """The worker's batching counters of one task (``inspect stats`` → pool → batching); {} if none yet."""
+    replies = app.control.inspect([hostname], timeout=5.0).stats() or {}
+    if hostname not in replies:
+        raise RuntimeError(f"{hostname} did not answer inspect stats: {sorted(replies)}")
+    stats: dict[str, Any] = replies[hostname].get("pool", {}).get("batching", {}).get(task_name, {})
+    return stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure_celery(name: str, task: Any, worker: Worker, inputs: list[list[float]], reference: list[float],
+                   sizes: Sizes, broker_cpu: Callable[[], float | None], profile_dir: Path | None) -> PathResult:
+    """Throughput (with CPU accounting and batch counters) and sequential latency of one path of a worker."""
+    bulk = name == "batched_bulk"
+    batched = name in ("batched_bulk", "batched_delay")
+    round_trips(task, inputs, WARM_ROUND_TRIPS, bulk)
+    items = [inputs[i % len(inputs)] for i in range(sizes.items)]
+    stats_before = batching_stats(task.app, worker.hostname, task.name) if batched else {}
+
+    targets = {"main": worker.proc.pid, "client": os.getpid(),
+               **{f"child-{pid}": pid for pid in sorted(descendants(worker.proc.pid))}}
+    with profiled(targets, profile_dir, name) as profile:
+        cpu_before = CpuSnapshot.take(worker, broker_cpu)
+        started = time.perf_counter()
+        result_set = send(task, items, bulk)
+        submit_s = time.perf_counter() - started
+        values = collect(result_set, worker)
+        elapsed = time.perf_counter() - started
+        cpu_after = CpuSnapshot.take(worker, broker_cpu)
+    check_outputs(name, values, reference)
+
+    result = PathResult(name, sizes.items / elapsed, 0.0, elapsed, submit_s=submit_s,
+                        cpu_ms_per_item=cpu_per_item(cpu_before, cpu_after, sizes.items),
+                        profile=profile or None)
+    if batched:
+        stats_after = batching_stats(task.app, worker.hostname, task.name)
+        result.batches = int(stats_after.get("batches", 0)) - int(stats_before.get("batches", 0))
+        result.calls = int(stats_after.get("calls", 0)) - int(stats_before.get("calls", 0))
+        run_items = int(stats_after.get("items", 0)) - int(stats_before.get("items", 0))
+        result.mean_batch = run_items / result.batches if result.batches else None
+        if run_items != sizes.items:
+            print(f"  note: the worker counted {run_items} batched items for {sizes.items} sent", flush=True)
+
+    times = round_trips(task, inputs, sizes.sequential, bulk)
+    result.p50_ms, result.p90_ms = 1000 * statistics.median(times), 1000 * percentile(times, 0.9)
+    print(f"  {name}: {result.items_per_s:.1f} items/s ({sizes.items} in {elapsed:.2f}s, sent in {submit_s:.2f}s)"
+          f"{'' if result.mean_batch is None else f', mean batch {result.mean_batch:.1f}'}; "
+          f"p50 {result.p50_ms:.2f} ms; CPU ms/item {result.cpu_ms_per_item}", flush=True)
+    return result
+
+
+def warm_up(name: str, tasks: list[Any], worker: Worker, inputs: list[list[float]], reference: list[float],
+            sizes: Sizes) -> None:
+    """Every input once through every task, then ``sizes.warmup`` items each; check every output."""
+    for task in tasks:
+        bulk = getattr(task, "gpu_batch", None) is not None
+        check_outputs(f"{name} {task.name}", collect(send(task, inputs, bulk), worker), reference)
+        items = [inputs[i % len(inputs)] for i in range(sizes.warmup)]
+        check_outputs(f"{name} {task.name}", collect(send(task, items, bulk), worker), reference)
+
+
+@dataclass
+class WorkerInfo:
+    ready_s: float
+    stop_s: float | None = None
+    left_behind: int | None = None
+
+
+def run_worker(label: str, module_name: str, args: list[str], env: dict[str, str], processes: int,
+               paths: list[str], inputs: list[list[float]], reference: list[float], sizes: Sizes, log_dir: Path,
+               profile_dir: Path | None) -> tuple[dict[str, PathResult], WorkerInfo]:
+    """Start one worker, measure ``paths`` on it one after another, stop it."""
+    app_module = importlib.import_module(module_name)
+    app_module.app.control.purge()  # leftovers of an interrupted run on a shared broker
+    broker_cpu = broker_cpu_probe(app_module.app)
+    results: dict[str, PathResult] = {}
+    started = time.monotonic()
+    with celery_worker(module_name, label, args, env, log_dir) as worker:
+        print(f"  waiting for {processes} process(es) of {worker.hostname} ...", flush=True)
+        wait_ready(app_module, worker, processes)
+        info = WorkerInfo(time.monotonic() - started)
+        print(f"  ready after {info.ready_s:.1f}s; warming up", flush=True)
+        batched = getattr(app_module, "mlp_batch", None)  # the plain app has no batched task
+        tasks = {"batched_bulk": batched, "batched_delay": batched, "unbatched": app_module.mlp,
+                 "plain_celery": app_module.mlp}
+        warm_up(label, list({id(tasks[p]): tasks[p] for p in paths}.values()), worker, inputs, reference, sizes)
+        for name in paths:
+            print(f"\n[{name}]", flush=True)
+            results[name] = measure_celery(name, tasks[name], worker, inputs, reference, sizes, broker_cpu,
+                                           profile_dir)
+        print(f"  stopping {worker.hostname}", flush=True)
+    info.stop_s, info.left_behind = worker.stop_s, worker.left_behind
+    # The worker logs at WARNING (its banner aside): any such line is worth a look.
+    logged = [line for line in worker.log_tail(400).splitlines() if any(w in line for w in _LOUD)]
+    if logged:
+        print(f"  {worker.hostname} logged {len(logged)} warning/error line(s); the last ones:", flush=True)
+        print("\n".join(f"    {line}" for line in logged[-10:]), flush=True)
+    return results, info
+
+
+# -- in-process ceiling --------------------------------------------------------------------------------------
+
+
+def in_process(model: Any, inputs: list[list[float]], reference: list[float], sizes: Sizes) -> PathResult:
+    """The items through the model in batches of ``BATCH_SIZE`` in this process; p50 of single-item calls."""
+    items = [inputs[i % len(inputs)] for i in range(sizes.items)]
+    infer_batch(model, items[:BATCH_SIZE])  # warm
+    before = CpuSnapshot.take(None, lambda: None)
+    started = time.perf_counter()
+    values: list[float] = []
+    for start in range(0, len(items), BATCH_SIZE):
+        values.extend(infer_batch(model, items[start:start + BATCH_SIZE]))
+    elapsed = time.perf_counter() - started
+    after = CpuSnapshot.take(None, lambda: None)
+    check_outputs("in_process", values, reference)
+    times = []
+    for i in range(sizes.sequential):
+        t0 = time.perf_counter()
+        infer(model, inputs[i % len(inputs)])
+        times.append(time.perf_counter() - t0)
+    result = PathResult("in_process", sizes.items / elapsed, 1000 * statistics.median(times), elapsed,
+                        mean_batch=sizes.items / -(-sizes.items // BATCH_SIZE),
+                        cpu_ms_per_item=cpu_per_item(before, after, sizes.items),
+                        p90_ms=1000 * percentile(times, 0.9))
+    print(f"  in_process: {result.items_per_s:.1f} items/s; single-item p50 {result.p50_ms:.3f} ms", flush=True)
+    return result
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def source_state() -> dict[str, Any]:
+    """Which celery-gpu code ran: the git commit, the files of ``src/celery_gpu`` that differ from it, and a
+    digest of that directory's content (equal digests, same code, whatever the commit)."""
+    src = REPO / "src" / "celery_gpu"
+    digest = hashlib.sha256()
+    for path in sorted(src.rglob("*.py")):
+        digest.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes() + b"\0")
+    state: dict[str, Any] = {"src_digest": digest.hexdigest()[:16]}
+    try:
+        state["commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], check=True,
+                                         capture_output=True, text=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src/celery_gpu"],
+                                check=True, capture_output=True, text=True).stdout
+        state["src_changes"] = [line.strip() for line in status.splitlines() if line.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout: the digest alone says which code ran
+    return state
+
+
+
+def report(results: dict[str, PathResult], workers: dict[str, WorkerInfo], sizes: Sizes, args: argparse.Namespace,
+           broker: str, command: str) -> dict[str, Any]:
+    """Print the table and build the JSON summary."""
+    plain = results.get("plain_celery")
+
+    def ratio(path: str) -> float | None:
+        if plain is None or path not in results:
+            return None
+        return round(results[path].items_per_s / plain.items_per_s, 3)
+
+    print()
+    print(f"{'path':<14} {'items/s':>9} {'x plain':>8} {'p50 ms':>8} {'batch':>6} {'CPU ms/item':>12} "
+          f"{'main':>6} {'procs':>6} {'client':>7} {'broker':>7}")
+    print("-" * 94)
+
+    def cell(value: float | None, width: int, digits: int = 2) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+    for name, r in results.items():
+        cpu = r.cpu_ms_per_item
+        print(f"{name:<14} {r.items_per_s:>9.1f} {cell(ratio(name), 8)} {r.p50_ms:>8.2f} {cell(r.mean_batch, 6, 1)} "
+              f"{cell(cpu.get('total'), 12, 3)} {cell(cpu.get('worker_main'), 6)} "
+              f"{cell(cpu.get('worker_children'), 6)} {cell(cpu.get('client'), 7)} {cell(cpu.get('broker'), 7)}")
+
+    batched_ratio = ratio("batched_bulk")
+    idle = None
+    if plain is not None and "batched_delay" in results:
+        idle = round(results["batched_delay"].p50_ms - plain.p50_ms, 3)
+    met = (batched_ratio is not None and idle is not None
+           and batched_ratio >= GOAL_RATIO and idle <= GOAL_IDLE_LATENCY_MS)
+    summary: dict[str, Any] = {
+        "benchmark": "batching",
+        "quick": args.quick,
+        "broker": broker,
+        "machine": machine(),
+        "sizes": {**asdict(sizes), "batch": BATCH_SIZE, "max_wait_ms": MAX_WAIT_MS, "per_device": args.per_device,
+                  "plain_concurrency": PLAIN_PROCESSES, "serializer": args.serializer},
+        "paths": {name: r.as_json() for name, r in results.items()},
+        "items_per_s": {name: round(r.items_per_s, 2) for name, r in results.items()},
+        "p50_ms": {name: round(r.p50_ms, 3) for name, r in results.items()},
+        "mean_batch": {name: None if r.mean_batch is None else round(r.mean_batch, 2) for name, r in results.items()},
+        "ratio_vs_plain_celery": batched_ratio,
+        "ratio_vs_plain_celery_by_path": {name: ratio(name) for name in results if name != "plain_celery"},
+        "idle_latency_ms_over_plain": idle,
+        "goal": {"ratio": GOAL_RATIO, "idle_latency_ms_over_plain": GOAL_IDLE_LATENCY_MS, "met": met},
+        "workers": {name: asdict(w) for name, w in workers.items()},
+        "outputs_checked": True,  # every path's outputs matched the in-process reference, or the run failed
+        "command": command,
+    }
+    print()
+    if batched_ratio is not None:
+        print(f"batched_bulk / plain_celery items/s: {batched_ratio:.2f}x (goal {GOAL_RATIO:.0f}x)")
+    if idle is not None:
+        print(f"batched p50 - plain p50: {idle:+.2f} ms (goal <= {GOAL_IDLE_LATENCY_MS} ms)")
+    print(f"goal met: {met}")
+    return summary
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (1000 items, 50 round trips)")
+    parser.add_argument("--broker", help="Redis URL to use (default: an embedded Redis started here)")
+    parser.add_argument("--out", type=Path, help="also write the final JSON line to this file")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    parser.add_argument("--serializer", default="json", choices=("json", "msgpack"),
+                        help="task and result serializer of both workers and the client")
+    parser.add_argument("--per-device", type=int, default=1,
+                        help="device processes of the celery-gpu worker (default 1: the 2 cores also hold the "
+                             "worker's main process, the client and Redis)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the worker's main process, its children and this client with py-spy during "
+                             "each throughput run; raw stacks to DIR (this costs CPU: do not record such a run's "
+                             "figures)")
+    args = parser.parse_args(argv)
+    unknown = set(args.paths.split(",")) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    if args.per_device < 1:
+        parser.error("--per-device must be >= 1")
+    return args
+
+
+def run_paths(url: str, paths: list[str], sizes: Sizes, args: argparse.Namespace,
+              ) -> tuple[dict[str, PathResult], dict[str, WorkerInfo]]:
+    os.environ["OVERHEAD_BROKER"] = url  # read by the app modules when they are imported below
+    os.environ[SERIALIZER_ENV] = args.serializer  # the same, and passed on to the workers by child_env
+    inputs = make_inputs(INPUT_POOL)
+    model = build_model()  # the reference outputs (and the in-process path); one thread here too
+    reference = [infer(model, x) for x in inputs]
+    results: dict[str, PathResult] = {}
+    workers: dict[str, WorkerInfo] = {}
+    with tempfile.TemporaryDirectory(prefix="batching-") as tmp:
+        log_dir = Path(tmp)
+        if "in_process" in paths:
+            print("\n[in_process]", flush=True)
+            results["in_process"] = in_process(model, inputs, reference, sizes)
+        gpu_paths = [p for p in paths if p in GPU_PATHS]
+        if gpu_paths:
+            print(f"\n[celery-gpu worker: {', '.join(gpu_paths)}]", flush=True)
+            env = child_env(url, CELERY_GPU_DEVICES="cpu", CELERY_GPU_PER_DEVICE=str(args.per_device))
+            found, workers["celery_gpu"] = run_worker("batching-gpu", GPU_APP, [], env, args.per_device, gpu_paths,
+                                                      inputs, reference, sizes, log_dir, args.profile)
+            results.update(found)
+        if "plain_celery" in paths:
+            print("\n[plain Celery worker]", flush=True)
+            worker_args = ["--pool", "prefork", "--concurrency", str(PLAIN_PROCESSES)]
+            found, workers["plain_celery"] = run_worker("batching-plain", PLAIN_APP, worker_args, child_env(url),
+                                                        PLAIN_PROCESSES, ["plain_celery"], inputs, reference, sizes,
+                                                        log_dir, args.profile)
+            results.update(found)
+    return {p: results[p] for p in PATHS if p in results}, workers
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sizes = Sizes.for_run(args.quick)
+    paths = [p for p in PATHS if p in args.paths.split(",")]
+    shown = [redact(a) if "://" in a else a for a in (sys.argv[1:] if argv is None else argv)]
+    command = shlex.join(["python", "benchmarks/batching.py", *shown])
+    started = time.monotonic()
+    source = source_state()
+    with contextlib.ExitStack() as stack:
+        if args.broker:
+            url, broker = args.broker, redact(args.broker)
+        else:
+            from celery_gpu.embedded import EmbeddedRedis
+
+            url, broker = stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+        print(f"broker: {broker}; {os.cpu_count()} CPUs; sizes: {sizes}; serializer {args.serializer}; "
+              f"{args.per_device} device process(es)", flush=True)
+        try:
+            results, workers = run_paths(url, paths, sizes, args)
+        except BaseException as exc:
+            code = _exit_code(exc)
+        else:
+            code = 0
+        # As overhead.py: drop the failure's pending results while Redis still runs.
+        if code:
+            return code
+    summary = report(results, workers, sizes, args, broker, command)
+    after = source_state()
+    summary["source"] = {**source, "changed_during_run": after["src_digest"] != source["src_digest"]}
+    if summary["source"]["changed_during_run"]:
+        print("warning: src/celery_gpu changed while this ran: the figures mix two versions", file=sys.stderr)
+    summary["total_s"] = round(time.monotonic() - started, 1)
+    print(f"total time: {summary['total_s']:.1f}s")
+    line = json.dumps(summary)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
