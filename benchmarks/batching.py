@@ -79,7 +79,7 @@ WARM_ROUND_TRIPS = 10
 _LOUD = ("WARNING", "ERROR", "CRITICAL", "Traceback")
 # ``interval`` of ``ResultSet.get`` for the ``.delay`` paths. On a Redis backend Celery's ``ResultSet.get`` first
 # MGETs every result and, if one is not ready, sleeps ``interval`` once before it listens for the rest (0.5 s by
-# default). ``submit_many`` returns celery-gpu's ``ItemResults``, whose default is 5 ms: it is used as is.
+# default). ``submit_many`` returns celery-gpu's ``ItemResults``, which does not sleep there: used as is.
 COLLECT_INTERVAL = 0.001
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 

@@ -15,28 +15,21 @@ from celery.result import ResultSet
 
 __all__ = ["GPUTaskMixin", "ItemResults", "with_mixin"]
 
-#: Default ``interval`` of :class:`ItemResults`' ``get``/``join_native`` (Celery's is 0.5 s).
-POLL_INTERVAL = 0.005
+_classes: dict[type, type] = {}
 
 
 class ItemResults(ResultSet):  # type: ignore[misc]
-    """The results of :meth:`GPUTaskMixin.submit_many`: a Celery ``ResultSet`` whose ``get`` polls every 5 ms.
+    """The results of :meth:`GPUTaskMixin.submit_many`: a Celery ``ResultSet`` that starts listening at once.
 
-    On a Redis backend Celery's ``ResultSet.get`` reads every result once and, when any is not ready yet,
-    sleeps ``interval`` (0.5 s by default) before it starts listening for them: half a second added to any
-    bulk submit that waits. The listening itself is push-based, so a short interval costs nothing.
+    On a Redis backend Celery's ``ResultSet.get`` first reads every result once and, when any is not ready yet,
+    sleeps ``interval`` (0.5 s by default) before it listens for the rest: half a second added to every bulk
+    submit that waits. Here that first read does not sleep; ``interval`` keeps its meaning for polling
+    backends.
     """
 
-    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = POLL_INTERVAL,
-            **kwargs: Any) -> list[Any]:
-        return super().get(timeout=timeout, propagate=propagate, interval=interval, **kwargs)  # type: ignore[no-any-return]
-
-    def join_native(self, timeout: float | None = None, propagate: bool = True, interval: float = POLL_INTERVAL,
-                    **kwargs: Any) -> list[Any]:
-        return super().join_native(  # type: ignore[no-any-return]
-            timeout=timeout, propagate=propagate, interval=interval, **kwargs)
-
-_classes: dict[type, type] = {}
+    def _iter_meta(self, **kwargs: Any) -> Any:
+        kwargs["interval"] = 0  # read what is ready, then listen (pushed results need no polling interval)
+        return super()._iter_meta(**kwargs)
 
 
 class GPUTaskMixin:

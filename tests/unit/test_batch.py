@@ -321,19 +321,21 @@ def test_acks_on_redis_leave_the_unacked_index_in_one_pipeline(embedded_url: str
 # -- the result set of submit_many ---------------------------------------------------------------------------
 
 
-def test_submit_many_results_poll_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Celery's ResultSet.get sleeps ``interval`` (0.5 s) once on Redis before listening; ours polls at 5 ms."""
-    from celery.result import ResultSet
+def test_submit_many_results_listen_without_sleeping_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's ResultSet reads the results once and sleeps ``interval`` (0.5 s) before it listens; ours not."""
+    from celery_gpu.submit import ItemResults
 
-    from celery_gpu.submit import POLL_INTERVAL, ItemResults
+    app = Celery("r", backend="cache+memory://", set_as_current=False)
+    seen: list[Any] = []
 
-    seen: list[float] = []
-    monkeypatch.setattr(ResultSet, "join_native", lambda self, **kw: seen.append(kw["interval"]) or [])
-    monkeypatch.setattr(ResultSet, "supports_native_join", property(lambda self: True))
-    results = ItemResults([], app=Celery("r", set_as_current=False))
-    results.get()
-    results.get(interval=0.1)
-    assert seen == [POLL_INTERVAL, 0.1] and POLL_INTERVAL <= 0.01
+    def get_many(ids: Any, **kw: Any) -> Any:
+        seen.append((set(ids), kw["interval"], kw["max_iterations"]))
+        return iter(())
+
+    monkeypatch.setattr(app.backend, "get_many", get_many)
+    results = ItemResults([app.AsyncResult("a")], app=app)
+    list(results._iter_meta(interval=0.5))
+    assert seen == [({"a"}, 0, 1)]
 
 
 def test_submit_many_sends_one_task_per_item(gpu_app: tuple[Celery, GPU]) -> None:
