@@ -11,10 +11,12 @@ process, one 1x512 input per task sent as a list of floats, one float back) thro
    ``worker_process_init`` (``benchmarks._overhead_plain_app``).
 5. ``in_process``: no Celery: the items through the model in batches of 64 in this process (the ceiling).
 
-Per path: items/s end to end (N items submitted as fast as possible, until every result is back), the p50 of
-sequential single-item round trips, the mean batch size (from the worker's ``inspect stats``), and the CPU
-time per item of the worker (main process and device processes apart), of this client and of the broker. The
-last line printed is one JSON object (also written to ``--out``).
+Both workers are started (and warmed up) together; the throughput of one path is measured at a time while the
+other worker idles. Per path: items/s end to end (N items submitted as fast as possible, until every result is
+back), the p50 of sequential single-item round trips (the paths taking turns, one round trip each, so a slow
+moment of a shared machine hits every path alike), the mean batch size (from the worker's ``inspect stats``),
+and the CPU time per item of the worker (main process and device processes apart), of this client and of the
+broker. The last line printed is one JSON object (also written to ``--out``).
 
 Usage::
 
@@ -366,12 +368,28 @@ def measure_celery(name: str, task: Any, worker: Worker, inputs: list[list[float
         if run_items != sizes.items:
             print(f"  note: the worker counted {run_items} batched items for {sizes.items} sent", flush=True)
 
-    times = round_trips(task, inputs, sizes.sequential, bulk)
-    result.p50_ms, result.p90_ms = 1000 * statistics.median(times), 1000 * percentile(times, 0.9)
     print(f"  {name}: {result.items_per_s:.1f} items/s ({sizes.items} in {elapsed:.2f}s, sent in {submit_s:.2f}s)"
           f"{'' if result.mean_batch is None else f', mean batch {result.mean_batch:.1f}'}; "
-          f"p50 {result.p50_ms:.2f} ms; CPU ms/item {result.cpu_ms_per_item}", flush=True)
+          f"CPU ms/item {result.cpu_ms_per_item}", flush=True)
     return result
+
+
+def interleaved_latency(tasks: dict[str, Any], inputs: list[list[float]], count: int,
+                        results: dict[str, PathResult]) -> None:
+    """p50/p90 of ``count`` sequential single-item round trips per path, the paths taking turns (the order
+    rotating every round), so slow moments of a shared machine hit every path alike."""
+    names = list(tasks)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for name in names:
+        round_trips(tasks[name], inputs, WARM_ROUND_TRIPS, name == "batched_bulk")
+    for i in range(count):
+        turn = names[i % len(names):] + names[:i % len(names)]
+        for name in turn:
+            times[name] += round_trips(tasks[name], [inputs[i % len(inputs)]], 1, name == "batched_bulk")
+    for name in names:
+        r = results[name]
+        r.p50_ms, r.p90_ms = 1000 * statistics.median(times[name]), 1000 * percentile(times[name], 0.9)
+        print(f"  {name}: p50 {r.p50_ms:.2f} ms, p90 {r.p90_ms:.2f} ms", flush=True)
 
 
 def warm_up(name: str, tasks: list[Any], worker: Worker, inputs: list[list[float]], reference: list[float],
@@ -391,14 +409,13 @@ class WorkerInfo:
     left_behind: int | None = None
 
 
-def run_worker(label: str, module_name: str, args: list[str], env: dict[str, str], processes: int,
-               paths: list[str], inputs: list[list[float]], reference: list[float], sizes: Sizes, log_dir: Path,
-               profile_dir: Path | None) -> tuple[dict[str, PathResult], WorkerInfo]:
-    """Start one worker, measure ``paths`` on it one after another, stop it."""
+@contextlib.contextmanager
+def started_worker(label: str, module_name: str, args: list[str], env: dict[str, str], processes: int,
+                   paths: list[str], inputs: list[list[float]], reference: list[float], sizes: Sizes,
+                   log_dir: Path) -> Iterator[tuple[Worker, dict[str, Any], WorkerInfo]]:
+    """Start one worker and warm it up; yields it with its tasks per path; stops it (stop time, leftovers)."""
     app_module = importlib.import_module(module_name)
     app_module.app.control.purge()  # leftovers of an interrupted run on a shared broker
-    broker_cpu = broker_cpu_probe(app_module.app)
-    results: dict[str, PathResult] = {}
     started = time.monotonic()
     with celery_worker(module_name, label, args, env, log_dir) as worker:
         print(f"  waiting for {processes} process(es) of {worker.hostname} ...", flush=True)
@@ -406,13 +423,11 @@ def run_worker(label: str, module_name: str, args: list[str], env: dict[str, str
         info = WorkerInfo(time.monotonic() - started)
         print(f"  ready after {info.ready_s:.1f}s; warming up", flush=True)
         batched = getattr(app_module, "mlp_batch", None)  # the plain app has no batched task
-        tasks = {"batched_bulk": batched, "batched_delay": batched, "unbatched": app_module.mlp,
+        every = {"batched_bulk": batched, "batched_delay": batched, "unbatched": app_module.mlp,
                  "plain_celery": app_module.mlp}
-        warm_up(label, list({id(tasks[p]): tasks[p] for p in paths}.values()), worker, inputs, reference, sizes)
-        for name in paths:
-            print(f"\n[{name}]", flush=True)
-            results[name] = measure_celery(name, tasks[name], worker, inputs, reference, sizes, broker_cpu,
-                                           profile_dir)
+        tasks = {p: every[p] for p in paths}
+        warm_up(label, list({id(t): t for t in tasks.values()}.values()), worker, inputs, reference, sizes)
+        yield worker, tasks, info
         print(f"  stopping {worker.hostname}", flush=True)
     info.stop_s, info.left_behind = worker.stop_s, worker.left_behind
     # The worker logs at WARNING (its banner aside): any such line is worth a look.
@@ -420,7 +435,6 @@ def run_worker(label: str, module_name: str, args: list[str], env: dict[str, str
     if logged:
         print(f"  {worker.hostname} logged {len(logged)} warning/error line(s); the last ones:", flush=True)
         print("\n".join(f"    {line}" for line in logged[-10:]), flush=True)
-    return results, info
 
 
 # -- in-process ceiling --------------------------------------------------------------------------------------
@@ -574,19 +588,34 @@ def run_paths(url: str, paths: list[str], sizes: Sizes, args: argparse.Namespace
             print("\n[in_process]", flush=True)
             results["in_process"] = in_process(model, inputs, reference, sizes)
         gpu_paths = [p for p in paths if p in GPU_PATHS]
-        if gpu_paths:
-            print(f"\n[celery-gpu worker: {', '.join(gpu_paths)}]", flush=True)
-            env = child_env(url, CELERY_GPU_DEVICES="cpu", CELERY_GPU_PER_DEVICE=str(args.per_device))
-            found, workers["celery_gpu"] = run_worker("batching-gpu", GPU_APP, [], env, args.per_device, gpu_paths,
-                                                      inputs, reference, sizes, log_dir, args.profile)
-            results.update(found)
-        if "plain_celery" in paths:
-            print("\n[plain Celery worker]", flush=True)
-            worker_args = ["--pool", "prefork", "--concurrency", str(PLAIN_PROCESSES)]
-            found, workers["plain_celery"] = run_worker("batching-plain", PLAIN_APP, worker_args, child_env(url),
-                                                        PLAIN_PROCESSES, ["plain_celery"], inputs, reference, sizes,
-                                                        log_dir, args.profile)
-            results.update(found)
+        celery_paths = gpu_paths + [p for p in paths if p == "plain_celery"]
+        with contextlib.ExitStack() as stack:  # both workers up; only one of them busy at any time
+            started: list[tuple[str, Worker, dict[str, Any]]] = []
+            if gpu_paths:
+                print(f"\n[celery-gpu worker: {', '.join(gpu_paths)}]", flush=True)
+                env = child_env(url, CELERY_GPU_DEVICES="cpu", CELERY_GPU_PER_DEVICE=str(args.per_device))
+                worker, tasks, workers["celery_gpu"] = stack.enter_context(started_worker(
+                    "batching-gpu", GPU_APP, [], env, args.per_device, gpu_paths, inputs, reference, sizes, log_dir))
+                started.append(("celery_gpu", worker, tasks))
+            if "plain_celery" in paths:
+                print("\n[plain Celery worker]", flush=True)
+                worker_args = ["--pool", "prefork", "--concurrency", str(PLAIN_PROCESSES)]
+                worker, tasks, workers["plain_celery"] = stack.enter_context(started_worker(
+                    "batching-plain", PLAIN_APP, worker_args, child_env(url), PLAIN_PROCESSES, ["plain_celery"],
+                    inputs, reference, sizes, log_dir))
+                started.append(("plain_celery", worker, tasks))
+            by_path: dict[str, tuple[Worker, Any]] = {}
+            for _, worker, tasks in started:
+                by_path.update({p: (worker, t) for p, t in tasks.items()})
+            for name in celery_paths:
+                print(f"\n[{name}: throughput]", flush=True)
+                worker, task = by_path[name]
+                broker_cpu = broker_cpu_probe(task.app)
+                results[name] = measure_celery(name, task, worker, inputs, reference, sizes, broker_cpu,
+                                               args.profile)
+            if celery_paths:
+                print(f"\n[latency: {sizes.sequential} round trips per path, taking turns]", flush=True)
+                interleaved_latency({p: by_path[p][1] for p in celery_paths}, inputs, sizes.sequential, results)
     return {p: results[p] for p in PATHS if p in results}, workers
 
 
