@@ -61,6 +61,7 @@ class GPU:
             conf["gpu_per_device"] = per_device
         app.conf.update(conf)
         _by_app[app] = self
+        from . import control  # noqa: F401  (registers `celery inspect gpu` and the worker-gpu event)
         from .bulkrecv import BulkReceive
         from .prefetch import BatchPrefetch
 

@@ -80,8 +80,9 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     device = Device.from_wire(spec["device"])
     hostname = spec["hostname"]
-    # Celery's log format names the process ("[...: INFO/fake:1#0] Task ... succeeded"), as prefork's children.
-    multiprocessing.current_process().name = f"{device.label}#{spec['slot']}"
+    # Celery's log format names the process, as prefork's children: here host, device and slot
+    # ("[...: INFO/celery@gpu-3/cuda:1#0] Task proj.embed[<id>] succeeded"), so merged logs stay attributable.
+    multiprocessing.current_process().name = f"{hostname}/{device.label}#{spec['slot']}"
     started = time.monotonic()
     try:
         app = import_app(spec["app"], spec["modules"])

@@ -23,19 +23,23 @@ from celery.concurrency.base import BasePool
 
 from .batch import BatchOptions
 from .batcher import Batch, Batcher
+from .control import register_pool, unregister_pool
 from .devices import Device, discover
 from .errors import FrameError, InsufficientDeviceMemory
 from .failures import rebuild_einfo, rebuild_exception
 from .frames import Channel
 from .imports import locate_app
 from .loop import HubLoop, ThreadLoop, call_safely
+from .readings import Readings
 from .settings import Settings
 from .slots import Job, Slot, exit_status
+from .telemetry import Telemetry
 
 __all__ = ["GPUPool"]
 
 logger = logging.getLogger("celery_gpu.pool")
 TICK = 0.1  # seconds between time-limit and respawn checks
+PUBLISH_EVERY = 1.0  # seconds between status snapshots for the metrics exporter (when it runs)
 
 
 class GPUPool(BasePool):  # type: ignore[misc]
@@ -59,6 +63,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._seq = itertools.count(1)
         self._reserved = {d.label: 0 for d in self.devices}
         self._failed: set[str] = set()
+        self._failed_reason: dict[str, str] = {}
         self._threaded = bool(options.get("threads", True))
         self._default_soft = options.get("soft_timeout")
         self._default_hard = options.get("timeout")
@@ -68,6 +73,11 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._loop: HubLoop | ThreadLoop | None = None
         self._closing = False
         self._spec: dict[str, Any] = {}
+        self.telemetry = Telemetry()
+        self._readings = Readings()
+        self.published: dict[str, Any] | None = None  # the latest status(), for readers on other threads
+        self._publish_at = 0.0
+        self._exporter: Any = None
 
     # -- Celery's pool API ------------------------------------------------------------------------------
 
@@ -92,6 +102,25 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._spawn(slot)
         if isinstance(self._loop, ThreadLoop):
             self._loop.start()
+        register_pool(self)
+        if self.settings.metrics_port:
+            from .metrics import start_exporter
+
+            self.published = self.status()
+            try:
+                self._exporter = start_exporter(self.settings.metrics_port, lambda: self.published,
+                                                addr=self.settings.metrics_addr)
+            except (OSError, RuntimeError) as exc:  # the port is taken, prometheus-client is missing...
+                logger.error("celery-gpu: no metrics endpoint: %s; the worker runs without it", exc)
+            else:
+                logger.info("celery-gpu: metrics on http://%s:%d/metrics", self.settings.metrics_addr,
+                            self._exporter.port)
+
+    def _stop_monitoring(self) -> None:
+        unregister_pool(self)
+        if self._exporter is not None:
+            self._exporter.stop()
+            self._exporter = None
 
     def register_with_event_loop(self, hub: Any) -> None:
         self._attach(HubLoop(hub))
@@ -177,6 +206,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         deadline = time.monotonic() + 5
         self._drain(lambda: any(s.chan is not None for s in self.slots) and time.monotonic() < deadline)
         self._kill_all()
+        self._stop_monitoring()
 
     def on_terminate(self) -> None:
         """Cold shutdown: kill every device process now."""
@@ -184,6 +214,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if isinstance(self._loop, ThreadLoop):
             self._loop.stop()
         self._kill_all()
+        self._stop_monitoring()
 
     def on_close(self) -> None:
         self._closing = True
@@ -197,6 +228,26 @@ class GPUPool(BasePool):  # type: ignore[misc]
             info[name] = {"batches": b, "items": i, "calls": c, "mean_batch": round(i / b, 2) if b else 0.0,
                           "waiting": waiting.get(name, 0)}
         return info
+
+    def status(self) -> dict[str, Any]:
+        """Devices, their readings, processes, counters and histograms, as plain data (``inspect gpu``, the
+        ``worker-gpu`` event, the metrics exporter). Call it on the pool's loop thread."""
+        devices = []
+        for d in self.devices:
+            slots = [s for s in self.slots if s.device is d]
+            busy = sum(s.state == "busy" for s in slots)
+            devices.append({
+                "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,
+                "reserved_memory": self._reserved[d.label], "quarantined": d.label in self._failed,
+                "reason": self._failed_reason.get(d.label),
+                "readings": self._readings.read(d, busy, len(slots), self._reserved[d.label]),
+                "slots": [{**s.info(), "restarts": s.restarts} for s in slots],
+                "counters": self.telemetry.counters(d.label),
+            })
+        return {
+            "hostname": self._hostname, "timestamp": time.time(), "pending": len(self._pending) + len(self._batcher),
+            "devices": devices, "batching": self._batching_info(), "histograms": self.telemetry.histograms(),
+        }
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
@@ -326,9 +377,11 @@ class GPUPool(BasePool):  # type: ignore[misc]
         work.started = time.monotonic()
         for job in live:
             job.slot, job.started = slot, work.started
+            self.telemetry.started(slot.device.label, work.started - job.arrived)
             if job.accept_callback is not None:
                 call_safely(job.accept_callback, slot.pid, work.started)
         if batched:
+            self.telemetry.batch(work.name, len(live))
             stats = self._batch_stats.setdefault(work.name, [0, 0, 0])
             stats[0] += 1
             stats[1] += len(live)
@@ -430,9 +483,11 @@ class GPUPool(BasePool):  # type: ignore[misc]
             if job.error_callback is not None:
                 call_safely(job.error_callback, rebuild_einfo(Terminated(-job.terminated)))
             return
+        runtime = float(outcome.get("runtime") or 0.0)
+        if job.slot is not None:
+            self.telemetry.ended(job.slot.device.label, bool(outcome.get("failed")), runtime)
         if job.callback is None:
             return
-        runtime = float(outcome.get("runtime") or 0.0)
         if outcome.get("failed"):
             failure = outcome.get("exc") or {}
             einfo = rebuild_einfo(rebuild_exception(failure), failure.get("traceback"), bool(failure.get("internal")))
@@ -456,6 +511,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         code = slot.reap()
         work = self._release(slot)
         for job in work.jobs if work is not None else []:
+            self.telemetry.ended(slot.device.label, True, None)
             if job.error_callback is None:
                 continue
             if job.terminated is not None:
@@ -471,6 +527,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         else:
             logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
                            f" while running {work.name}[{work.task_id}]" if work else "")
+        if was != "starting":
+            slot.restarts += 1
+            self.telemetry.restarted(slot.device.label, slot.index)
         self._schedule_respawn(slot, failed_start=was == "starting")
 
     def _schedule_respawn(self, slot: Slot, failed_start: bool) -> None:
@@ -488,6 +547,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if device.label in self._failed:
             return
         self._failed.add(device.label)
+        self._failed_reason[device.label] = reason
         logger.error("celery-gpu: device %s marked failed (%s); it takes no more work", device.label, reason)
         for slot in self.slots:
             if slot.device is device:
@@ -511,6 +571,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._exporter is not None and now >= self._publish_at:
+            self._publish_at = now + PUBLISH_EVERY
+            self.published = self.status()
         for slot in self.slots:
             work = slot.job
             if work is not None and not work.finished:
@@ -535,6 +598,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         # A batch is one call: every item of it ends so.
         self._release(slot)
         for job in work.jobs:
+            self.telemetry.ended(slot.device.label, True, work.hard)
             if job.error_callback is not None:
                 call_safely(job.error_callback, rebuild_einfo(TimeLimitExceeded(work.hard)))
             if job.timeout_callback is not None:
