@@ -11,6 +11,8 @@ max_frame             ``gpu_max_frame``            ``CELERY_GPU_MAX_FRAME``     
 start_attempts        ``gpu_start_attempts``       ``CELERY_GPU_START_ATTEMPTS``    ``3``
 shutdown_timeout      ``gpu_shutdown_timeout``     ``CELERY_GPU_SHUTDOWN_TIMEOUT``  ``60``
 bulk_receive          ``gpu_bulk_receive``         ``CELERY_GPU_BULK_RECEIVE``      ``256``
+metrics_port          ``gpu_metrics_port``         ``CELERY_GPU_METRICS_PORT``      ``0`` (off)
+metrics_addr          ``gpu_metrics_addr``         ``CELERY_GPU_METRICS_ADDR``      ``0.0.0.0``
 ====================  ===========================  ===============================  =========
 """
 
@@ -38,6 +40,8 @@ class Settings:
         shutdown_timeout: seconds a warm shutdown waits for in-flight tasks before killing them.
         bulk_receive: on a Redis broker, messages taken in one extra round trip after each ``BRPOP`` reply
             (within the prefetch window); 0 receives one message per round trip, as kombu does.
+        metrics_port: TCP port of the Prometheus endpoint (``/metrics``) of the worker; 0 turns it off.
+        metrics_addr: address that endpoint listens on.
     """
 
     devices: str = "all"
@@ -46,12 +50,16 @@ class Settings:
     start_attempts: int = 3
     shutdown_timeout: float = 60.0
     bulk_receive: int = 256
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
             raise ValueError(f"per_device must be >= 1, got {self.per_device}")
         if self.start_attempts < 1:
             raise ValueError(f"start_attempts must be >= 1, got {self.start_attempts}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
 
