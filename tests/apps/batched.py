@@ -85,6 +85,16 @@ def auto(items: list[int]) -> list[Any]:
     return [KeyError(x) if x == 13 else x for x in items]
 
 
+@gpu.task(batch=32)
+def gpu_norms(items: list[list[float]]) -> list[dict[str, Any]]:
+    """One torch call on this process's device for the whole batch: the L2 norm of each item."""
+    import torch
+
+    x = torch.tensor(items, device=gpu.device.torch)
+    norms = torch.linalg.vector_norm(x, dim=1).tolist()
+    return [{"norm": n, "device": str(x.device), "batch": len(items)} for n in norms]
+
+
 @gpu.task
 def nap(seconds: float) -> float:
     """An unbatched task that keeps its device process busy for ``seconds``."""

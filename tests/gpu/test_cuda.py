@@ -39,3 +39,27 @@ def test_each_gpu_process_is_pinned_and_computes_on_its_gpu(embedded_url: str, t
         assert "libcuda" not in maps and "libtorch" not in maps, "the main process must never touch CUDA"
     finally:
         assert w.stop() == 0, w.log()
+
+
+def test_batched_task_runs_whole_batches_on_the_gpu_and_nvml_reads(embedded_url: str, tmp_path: Path) -> None:
+    import math
+
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="all", app_module="tests.apps.batched").start()
+    try:
+        w.wait_ready(timeout=180)
+        items = [[float(i), 1.0, 2.0] for i in range(200)]
+        sent = [w.app.send_task("tests.apps.batched.gpu_norms", args=[x]) for x in items]
+        results = [r.get(timeout=120) for r in sent]
+        for x, r in zip(items, results, strict=True):
+            assert math.isclose(r["norm"], math.sqrt(sum(v * v for v in x)), rel_tol=1e-5)
+            assert r["device"] == "cuda:0"
+        assert max(r["batch"] for r in results) > 1, "items were batched"
+        status = w.app.control.inspect([w.name], timeout=5)._request("gpu")[w.name]
+        for d in status["devices"]:
+            assert d["kind"] == "cuda"
+            readings = d["readings"]
+            assert readings["source"] in ("nvml", "none"), readings
+            if readings["source"] == "nvml":
+                assert readings["memory_total"] and readings["memory_used"] is not None
+    finally:
+        assert w.stop() == 0, w.log()
