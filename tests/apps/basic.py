@@ -72,6 +72,12 @@ def size(blob: str) -> int:
 
 
 @gpu.task
+def echo(blob: str) -> str:
+    """Returns its argument (a long one travels both ways through the pool's shared memory)."""
+    return blob
+
+
+@gpu.task
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds

@@ -89,6 +89,25 @@ def test_failures_retries_and_plain_tasks(worker: Worker, tmp_path: Path) -> Non
     assert call(worker, "plain", 21).get(timeout=30) == 42
 
 
+def test_long_payloads_travel_through_shared_memory(worker: Worker) -> None:
+    blobs = [("%08d" % i) * (1 << 17) for i in range(6)]  # 1 MiB each, all different
+    results = [call(worker, "echo", b) for b in blobs]
+    assert [r.get(timeout=60) for r in results] == blobs
+    def holds_segment(pid: int) -> bool:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if "celery-gpu-frames" in os.readlink(fd):
+                    return True
+            except OSError:  # closed meanwhile
+                continue
+        return False
+
+    memfd_holders = [pid for pid in slot_pids(worker).values() if pid and holds_segment(pid)]
+    assert memfd_holders, "the device processes that ran them hold a frame segment"
+    shm = [n for n in (os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []) if "celery" in n]
+    assert not shm, shm
+
+
 def test_task_larger_than_any_device_fails_at_once(worker: Worker) -> None:
     started = time.monotonic()
     with pytest.raises(Exception) as info:

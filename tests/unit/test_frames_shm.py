@@ -1,0 +1,144 @@
+"""Long byte strings through shared memory (memfd + SCM_RIGHTS): equal on arrival, segment reused and grown,
+nothing in /dev/shm, lying references refused, and a dead peer leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from celery_gpu.errors import FrameError
+from celery_gpu.frames import SHM_THRESHOLD, Channel
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd on this platform")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Channel, Channel]]:
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    left, right = Channel(a), Channel(b)
+    try:
+        yield left, right
+    finally:
+        left.close()
+        right.close()
+
+
+def exchange(writer: Channel, reader: Channel, obj: object) -> object:
+    """Write on a thread (a big frame could fill the socket buffer) and read here."""
+    t = threading.Thread(target=writer.write, args=(obj,))
+    t.start()
+    got = reader.read()
+    t.join(10)
+    return got
+
+
+def memfds(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "celery-gpu-frames" in target:
+            out.append(target)
+    return out
+
+
+def test_long_strings_arrive_equal_through_shared_memory(pair: tuple[Channel, Channel]) -> None:
+    left, right = pair
+    body = os.urandom(5 * 1024 * 1024)
+    frame = {"t": "run", "body": body, "small": b"x" * 10, "items": [{"body": body[:SHM_THRESHOLD]}]}
+    assert exchange(left, right, frame) == frame
+    assert left.shm_bytes == len(body) + SHM_THRESHOLD, "both long strings went through shared memory"
+
+
+def test_the_segment_is_reused_and_grown(pair: tuple[Channel, Channel]) -> None:
+    left, right = pair
+    for size in (100_000, 200_000, 3 * 1024 * 1024, 150_000):
+        blob = os.urandom(size)
+        assert exchange(left, right, {"b": blob}) == {"b": blob}
+        assert exchange(right, left, {"r": blob[::-1]}) == {"r": blob[::-1]}
+    # one segment per direction, seen by writer and reader, each holding its fd and mmap's duplicate of it;
+    # the grown segments replaced the first ones
+    assert len(memfds(os.getpid())) == 8
+
+
+def test_small_frames_do_not_use_shared_memory(pair: tuple[Channel, Channel]) -> None:
+    left, right = pair
+    assert exchange(left, right, {"b": b"x" * (SHM_THRESHOLD - 1)}) == {"b": b"x" * (SHM_THRESHOLD - 1)}
+    assert left.shm_bytes == 0 and not memfds(os.getpid())
+
+
+def test_nothing_in_dev_shm() -> None:
+    a, b = socket.socketpair()
+    left, right = Channel(a), Channel(b)
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    exchange(left, right, {"b": os.urandom(2 * 1024 * 1024)})
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert after == before
+    left.close()
+    right.close()
+    assert not memfds(os.getpid())
+
+
+def test_a_reference_outside_the_segment_is_refused(pair: tuple[Channel, Channel]) -> None:
+    left, right = pair
+    exchange(left, right, {"b": os.urandom(SHM_THRESHOLD)})  # the reader now has a 1 MiB segment
+    lie = msgpack.packb({"b": msgpack.ExtType(1, struct.pack("!QQ", 1 << 20, 10))}, use_bin_type=True)
+    left.sock.sendall(struct.pack("!I", len(lie)) + lie)
+    with pytest.raises(FrameError, match="outside the segment"):
+        right.read()
+
+
+def test_a_reference_without_a_segment_is_refused(pair: tuple[Channel, Channel]) -> None:
+    left, right = pair
+    lie = msgpack.packb({"b": msgpack.ExtType(1, struct.pack("!QQ", 0, 10))}, use_bin_type=True)
+    left.sock.sendall(struct.pack("!I", len(lie)) + lie)
+    with pytest.raises(FrameError, match="without a segment"):
+        right.read()
+
+
+def test_the_total_is_bounded_by_max_frame() -> None:
+    a, b = socket.socketpair()
+    left = Channel(a, max_frame=1024 * 1024)
+    with pytest.raises(FrameError, match="exceeds the maximum"):
+        left.write({"b": b"x" * (2 * 1024 * 1024)})
+    left.close()
+    b.close()
+
+
+CHILD = """
+import os, socket, sys
+from celery_gpu.frames import Channel
+chan = Channel(socket.socket(fileno=int(sys.argv[1])))
+msg = chan.read()
+chan.write({"echo": msg["b"]})
+os.kill(os.getpid(), 9)  # dies holding both segments
+"""
+
+
+def test_a_killed_peer_leaves_nothing_behind(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    ours.settimeout(30)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    chan = Channel(ours)
+    blob = os.urandom(3 * 1024 * 1024)
+    chan.write({"b": blob})
+    assert chan.read() == {"echo": blob}
+    proc.wait(10)
+    assert proc.returncode == -9
+    chan.close()
+    assert not memfds(os.getpid())
+    assert not [n for n in (os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []) if "celery" in n]
