@@ -90,7 +90,7 @@ def test_failures_retries_and_plain_tasks(worker: Worker, tmp_path: Path) -> Non
 
 
 def test_long_payloads_travel_through_shared_memory(worker: Worker) -> None:
-    blobs = [("%08d" % i) * (1 << 17) for i in range(6)]  # 1 MiB each, all different
+    blobs = [f"{i:08d}" * (1 << 17) for i in range(6)]  # 1 MiB each, all different
     results = [call(worker, "echo", b) for b in blobs]
     assert [r.get(timeout=60) for r in results] == blobs
     def holds_segment(pid: int) -> bool:
