@@ -35,7 +35,8 @@ _HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30
 #: Byte strings at least this long travel through shared memory (where the platform has memfd).
 SHM_THRESHOLD = 64 * 1024
-_SHM_EXT = 1  # msgpack ext code of a shared-memory reference: (offset, length) as two uint64
+_SHM_EXT = 1  # msgpack ext code of a shared-memory reference to bytes: (offset, length) as two uint64
+_SHM_STR_EXT = 2  # the same for a str, stored as UTF-8 (e.g. a task body kombu decoded to text)
 _REF = struct.Struct("!QQ")
 _MIN_SEGMENT = 1 << 20
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few descriptors per read
@@ -125,6 +126,11 @@ class Channel:
             offset = sum(len(b) for b in big)
             big.append(obj)
             return msgpack.ExtType(_SHM_EXT, _REF.pack(offset, len(obj)))
+        if isinstance(obj, str) and len(obj) >= threshold:
+            data = obj.encode("utf-8", "surrogatepass")
+            offset = sum(len(b) for b in big)
+            big.append(data)
+            return msgpack.ExtType(_SHM_STR_EXT, _REF.pack(offset, len(data)))
         if isinstance(obj, dict):
             return {k: self._externalize(v, big, threshold) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
@@ -174,14 +180,15 @@ class Channel:
 
     def _resolve(self, code: int, data: bytes) -> Any:
         """A shared-memory reference → a copy of the bytes it names, checked against the segment first."""
-        if code != _SHM_EXT:
+        if code not in (_SHM_EXT, _SHM_STR_EXT):
             return msgpack.ExtType(code, data)
         if self._in is None or len(data) != _REF.size:
             raise FrameError("a shared-memory reference without a segment, or a malformed one")
         offset, length = _REF.unpack(data)
         if length > self.max_frame or offset + length > self._in.size:
             raise FrameError(f"a shared-memory reference ({offset}+{length}) outside the segment of {self._in.size}")
-        return self._in.map[offset:offset + length]
+        blob = self._in.map[offset:offset + length]
+        return blob.decode("utf-8", "surrogatepass") if code == _SHM_STR_EXT else blob
 
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)

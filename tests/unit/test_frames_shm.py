@@ -63,6 +63,14 @@ def test_long_strings_arrive_equal_through_shared_memory(pair: tuple[Channel, Ch
     assert left.shm_bytes == len(body) + SHM_THRESHOLD, "both long strings went through shared memory"
 
 
+def test_long_text_travels_as_text(pair: tuple[Channel, Channel]) -> None:
+    left, right = pair
+    text = "é😀x" * (SHM_THRESHOLD // 2)
+    frame = {"body": text, "retval": [text[:SHM_THRESHOLD]]}
+    assert exchange(left, right, frame) == frame
+    assert left.shm_bytes > 0
+
+
 def test_the_segment_is_reused_and_grown(pair: tuple[Channel, Channel]) -> None:
     left, right = pair
     for size in (100_000, 200_000, 3 * 1024 * 1024, 150_000):
