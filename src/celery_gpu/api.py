@@ -25,6 +25,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 _by_app: weakref.WeakKeyDictionary[Celery, GPU] = weakref.WeakKeyDictionary()
 
 
+def _accept_arrays(sender: Celery, **_: Any) -> None:
+    """Add the arrays serializer to what the app accepts (it is safe: no code runs on decode)."""
+    from .arrays import CONTENT_TYPE, NAME
+
+    for key in ("accept_content", "result_accept_content"):
+        accepted = sender.conf.get(key)
+        if accepted is None:
+            continue  # result_accept_content None means "as accept_content"
+        if NAME not in accepted and CONTENT_TYPE not in accepted:
+            sender.conf[key] = [*accepted, NAME]
+
+
 class GPU:
     """GPU support for one Celery app.
 
@@ -69,6 +81,13 @@ class GPU:
             if step not in app.steps["consumer"]:
                 app.steps["consumer"].add(step)
         signals.worker_init.connect(self._size_worker, weak=False)
+        from . import arrays
+
+        arrays.register()  # the safe arrays serializer: `serializer="celery-gpu-arrays"` on any task
+        if app.configured:
+            _accept_arrays(app)
+        else:
+            app.on_after_configure.connect(_accept_arrays, weak=False)
 
     @classmethod
     def of(cls, app: Celery) -> GPU | None:

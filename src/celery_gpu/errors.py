@@ -13,6 +13,9 @@ __all__ = [
     "MalformedTaskMessage",
     "BatchResultMismatch",
     "BatchArgumentError",
+    "ArraySerializationError",
+    "PayloadTooLarge",
+    "ArrayDecodeError",
 ]
 
 
@@ -54,3 +57,15 @@ class BatchResultMismatch(CeleryGPUError):
 
 class BatchArgumentError(CeleryGPUError, TypeError):
     """A call of a batched task did not pass exactly one positional argument (its item)."""
+
+
+class ArraySerializationError(CeleryGPUError, ValueError):
+    """A value cannot be sent with the arrays serializer (its type, dtype or size); the message names where."""
+
+
+class PayloadTooLarge(ArraySerializationError):
+    """An encoded message would exceed the arrays serializer's maximum payload (``CELERY_GPU_MAX_PAYLOAD``)."""
+
+
+class ArrayDecodeError(CeleryGPUError, ValueError):
+    """A payload given to the arrays serializer is malformed or lies; kombu wraps it in its ``DecodeError``."""

@@ -72,6 +72,17 @@ def size(blob: str) -> int:
 
 
 @gpu.task
+def array_stats(a: Any, extra: Any = None) -> dict[str, Any]:
+    """What arrived: a numpy array (through the arrays serializer), described in JSON-friendly terms."""
+    import numpy as np
+
+    assert isinstance(a, np.ndarray), type(a)
+    return {"shape": list(a.shape), "dtype": a.dtype.str, "sum": float(a.astype("f8").sum()),
+            "fortran": bool(a.flags.f_contiguous and not a.flags.c_contiguous),
+            "extra": None if extra is None else {k: list(v.shape) for k, v in extra.items()}}
+
+
+@gpu.task
 def echo(blob: str) -> str:
     """Returns its argument (a long one travels both ways through the pool's shared memory)."""
     return blob

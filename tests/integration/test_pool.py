@@ -108,6 +108,44 @@ def test_long_payloads_travel_through_shared_memory(worker: Worker) -> None:
     assert not shm, shm
 
 
+def test_numpy_arrays_travel_with_the_arrays_serializer(worker: Worker, tmp_path: Path) -> None:
+    import numpy as np
+
+    from celery_gpu import arrays
+
+    arrays.register()
+    big = np.arange(3 * 1024 * 1024, dtype="<f4").reshape(1024, 3072)  # 12 MiB: through shared memory
+    cases = [np.asfortranarray(np.ones((3, 4), dtype=">i8")), big, np.zeros((0, 5), dtype="u1")]
+    for a in cases:
+        got = call(worker, "array_stats", a, serializer=arrays.NAME).get(timeout=60)
+        assert got["shape"] == list(a.shape) and got["dtype"] == a.dtype.str
+        assert got["sum"] == float(a.astype("f8").sum())
+    assert call(worker, "array_stats", big[:2], {"m": np.eye(2)}, serializer=arrays.NAME).get(
+        timeout=60)["extra"] == {"m": [2, 2]}
+    assert call(worker, "array_stats", cases[0], serializer=arrays.NAME).get(timeout=60)["fortran"]
+
+
+def test_a_pickle_message_is_refused_and_runs_nothing(worker: Worker, tmp_path: Path) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (open, (str(marker), "w"))
+
+    body = pickle.dumps(((Evil(),), {}, {}))
+    with worker.app.producer_or_acquire() as producer:
+        producer.publish(body, routing_key=worker.queue, exchange="", content_type="application/x-python-serialize",
+                         content_encoding="binary", serializer=None,
+                         headers={"lang": "py", "task": T + "size", "id": "evil-" + worker.queue, "argsrepr": "()",
+                                  "kwargsrepr": "{}", "retries": 0})
+    assert call(worker, "add", 2, 3).get(timeout=30) == 5  # the worker lives on
+    time.sleep(1)
+    assert not marker.exists(), "a pickle payload must never be deserialized"
+    assert "untrusted content" in worker.log() or "ContentDisallowed" in worker.log() or "refus" in worker.log()
+
+
 def test_task_larger_than_any_device_fails_at_once(worker: Worker) -> None:
     started = time.monotonic()
     with pytest.raises(Exception) as info:
