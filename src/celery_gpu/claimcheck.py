@@ -1,0 +1,304 @@
+"""Claim check: large payloads travel out of band, the message carries a small reference.
+
+:func:`wrap` leaves a payload below the threshold as it is; a larger one goes into a :class:`Store` under an
+unguessable key with a TTL, and the message carries a reference instead: :data:`MAGIC` followed by msgpack
+``{"key", "size", "sha256"}``. :func:`unwrap` fetches the payload back, checks its size and SHA-256, and
+deletes it when asked. Results use the same two calls.
+
+Stores: :class:`RedisStore` (by default the result backend's Redis) and :class:`FileStore`, a private
+directory that only works when producers and workers share a filesystem (one machine: the embedded case).
+:func:`store_for_app` picks one for a Celery app.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import secrets
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import msgpack
+
+from celery_gpu.errors import CeleryGPUError
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "DEFAULT_TTL",
+    "MAGIC",
+    "MAX_REDIS_VALUE",
+    "ClaimCorrupt",
+    "ClaimMissing",
+    "FileStore",
+    "RedisStore",
+    "Store",
+    "is_reference",
+    "store_for_app",
+    "unwrap",
+    "wrap",
+]
+
+DEFAULT_THRESHOLD = 8 * 1024 * 1024  # bytes: smaller payloads stay in the message
+DEFAULT_TTL = 24 * 3600  # seconds a stored payload is kept when nobody consumes it
+MAGIC = b"\x00CGPUCLAIM1\x00"  # first bytes of a reference document
+MAX_REDIS_VALUE = 512 * 1024 * 1024  # Redis's largest string (proto-max-bulk-len); larger values are chunked
+
+_HEX_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+class ClaimMissing(CeleryGPUError, LookupError):
+    """A stored payload is gone: never stored here, expired (TTL), or already consumed and deleted."""
+
+
+class ClaimCorrupt(CeleryGPUError, ValueError):
+    """A reference is malformed, or the stored payload does not match its size or SHA-256."""
+
+
+class Store(Protocol):
+    """Where payloads are kept out of band."""
+
+    def put(self, data: bytes | memoryview, ttl: float) -> str:
+        """Store ``data`` for ``ttl`` seconds; returns its new key."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The data stored under ``key``; raises :class:`ClaimMissing` when absent or expired."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; deleting an absent key does nothing."""
+        ...
+
+
+class RedisStore:
+    """Payloads as Redis strings with ``EX`` (whole seconds, at least 1), keys ``prefix`` + 32 random hex.
+
+    A value above ``chunk_size`` (Redis's 512 MiB limit by default) is split into ``KEY:0`` .. ``KEY:n-1``
+    with ``KEY:chunks`` holding ``n``, written in one transaction. ``client`` is a redis-py client that returns
+    bytes (not ``decode_responses``).
+    """
+
+    def __init__(self, client: Any, prefix: str = "celery-gpu-claim:", *, chunk_size: int = MAX_REDIS_VALUE) -> None:
+        pool = getattr(client, "connection_pool", None)
+        if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
+            raise ValueError("RedisStore needs a redis client without decode_responses=True")
+        self.client = client
+        self.prefix = prefix
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "celery-gpu-claim:", *, chunk_size: int = MAX_REDIS_VALUE) -> RedisStore:
+        """A store on the Redis at ``url``: ``redis://``, ``rediss://``, ``unix://`` or ``redis+socket://``.
+
+        For socket URLs the database is the ``db`` or (kombu's) ``virtual_host`` query parameter.
+        """
+        import redis
+
+        parts = urlsplit(url)
+        if parts.scheme in ("unix", "socket", "redis+socket"):
+            query = parse_qs(parts.query)
+            db = int((query.get("db") or query.get("virtual_host") or ["0"])[0])
+            client = redis.Redis(unix_socket_path=parts.path, db=db, username=parts.username,
+                                 password=parts.password)
+        else:
+            client = redis.Redis.from_url(url)
+        return cls(client, prefix, chunk_size=chunk_size)
+
+    def put(self, data: bytes | memoryview, ttl: float) -> str:
+        """Store ``data`` for ``ttl`` seconds (rounded up, at least 1); returns its key."""
+        key = self.prefix + secrets.token_hex(16)
+        ex = max(1, math.ceil(ttl))
+        view = memoryview(data).cast("B")
+        if len(view) <= self.chunk_size:
+            self.client.set(key, view, ex=ex)
+            return key
+        count = math.ceil(len(view) / self.chunk_size)
+        with self.client.pipeline() as pipe:
+            for i in range(count):
+                pipe.set(f"{key}:{i}", view[i * self.chunk_size:(i + 1) * self.chunk_size], ex=ex)
+            pipe.set(f"{key}:chunks", count, ex=ex)
+            pipe.execute()
+        return key
+
+    def get(self, key: str) -> bytes:
+        """The data stored under ``key``; :class:`ClaimMissing` when absent or expired."""
+        self._check(key)
+        value, count = self.client.mget([key, f"{key}:chunks"])
+        if value is not None:
+            return bytes(value)
+        if count is None:
+            raise ClaimMissing(f"claim {key!r} is not in Redis (expired, consumed, or never stored)")
+        chunks = self.client.mget([f"{key}:{i}" for i in range(int(count))])
+        if any(chunk is None for chunk in chunks):
+            raise ClaimMissing(f"claim {key!r} lost chunks in Redis (expired)")
+        return b"".join(chunks)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` and its chunks, if any."""
+        self._check(key)
+        count = self.client.get(f"{key}:chunks")
+        self.client.delete(key, f"{key}:chunks", *(f"{key}:{i}" for i in range(int(count or 0))))
+
+    def _check(self, key: str) -> None:
+        # Only this store's own keys: a forged reference must not read or delete other Redis keys.
+        if not (key.startswith(self.prefix) and _HEX_KEY.fullmatch(key[len(self.prefix):])):
+            raise ValueError(f"{key!r} is not a key of this claim store")
+
+
+class FileStore:
+    """Payloads as files in a private directory (mode 0700, files 0600), for one machine's processes.
+
+    Files are named by their key (32 random hex) and written atomically (temp file + ``os.replace``). A
+    file's mtime is set to its expiry time; :meth:`get` of an expired file deletes it and raises
+    :class:`ClaimMissing`, :meth:`sweep` removes every expired one. Only works when producers and workers
+    share this filesystem.
+    """
+
+    _TEMP_PREFIX = ".tmp-"
+    _STALE_TEMP = 3600.0  # seconds after which a leftover temp file (a writer that died) is swept
+
+    def __init__(self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+        self.directory = os.fspath(directory)
+        self.clock = clock
+        try:
+            os.mkdir(self.directory, 0o700)
+            os.chmod(self.directory, 0o700)  # whatever the umask
+        except FileExistsError:
+            info = os.lstat(self.directory)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+                raise PermissionError(
+                    f"claim directory {self.directory!r} must be a directory owned by this user with mode 0700"
+                ) from None
+
+    def put(self, data: bytes | memoryview, ttl: float) -> str:
+        """Store ``data`` for ``ttl`` seconds; returns its key."""
+        key = secrets.token_hex(16)
+        fd, temp = tempfile.mkstemp(prefix=self._TEMP_PREFIX, dir=self.directory)  # created 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            expires = self.clock() + ttl
+            os.utime(temp, (expires, expires))
+            os.replace(temp, self._path(key))
+        except BaseException:
+            os.unlink(temp)
+            raise
+        return key
+
+    def get(self, key: str) -> bytes:
+        """The data stored under ``key``; :class:`ClaimMissing` when absent or expired (then deleted)."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                expired = os.fstat(f.fileno()).st_mtime <= self.clock()
+                data = b"" if expired else f.read()
+        except FileNotFoundError:
+            raise ClaimMissing(f"claim {key!r} is not in {self.directory!r} (consumed, or never stored)") from None
+        if expired:
+            self.delete(key)
+            raise ClaimMissing(f"claim {key!r} has expired")
+        return data
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``'s file, if any."""
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def sweep(self) -> int:
+        """Remove expired files (and temp files left by dead writers); returns how many were removed."""
+        now = self.clock()
+        removed = 0
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if _HEX_KEY.fullmatch(entry.name):
+                    deadline = now
+                elif entry.name.startswith(self._TEMP_PREFIX):
+                    deadline = now - self._STALE_TEMP
+                else:
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime <= deadline:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:  # consumed meanwhile
+                    pass
+        return removed
+
+    def _path(self, key: str) -> str:
+        if not _HEX_KEY.fullmatch(key):  # no path traversal, no other files of the directory
+            raise ValueError(f"{key!r} is not a key of this claim store")
+        return os.path.join(self.directory, key)
+
+
+def is_reference(data: bytes) -> bool:
+    """Whether ``data`` is a reference made by :func:`wrap` (not a payload)."""
+    return data[:len(MAGIC)] == MAGIC
+
+
+def wrap(payload: bytes, store: Store, threshold: int = DEFAULT_THRESHOLD, ttl: float = DEFAULT_TTL) -> bytes:
+    """``payload`` itself when shorter than ``threshold``; otherwise stores it and returns a reference.
+
+    A payload that happens to start with :data:`MAGIC` is always stored, so :func:`unwrap` never misreads it.
+    """
+    if len(payload) < threshold and not is_reference(payload):
+        return payload
+    key = store.put(payload, ttl)
+    ref: bytes = msgpack.packb({"key": key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+    return MAGIC + ref
+
+
+def unwrap(data: bytes, store: Store, *, delete: bool = False) -> bytes:
+    """``data`` unchanged unless it is a reference; then the stored payload, checked (and deleted if asked).
+
+    Raises :class:`ClaimMissing` when the payload is gone, :class:`ClaimCorrupt` when the reference is
+    malformed or the payload does not match its size or SHA-256.
+    """
+    if not is_reference(data):
+        return data
+    try:
+        ref = msgpack.unpackb(data[len(MAGIC):])
+        key, size, digest = ref["key"], ref["size"], ref["sha256"]
+    except Exception as exc:
+        raise ClaimCorrupt(f"malformed claim reference: {exc}") from None
+    if not (isinstance(key, str) and isinstance(size, int) and isinstance(digest, str)):
+        raise ClaimCorrupt(f"malformed claim reference: {ref!r}")
+    payload = store.get(key)
+    if len(payload) != size:
+        raise ClaimCorrupt(f"claim {key!r} holds {len(payload)} bytes, the reference says {size}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ClaimCorrupt(f"claim {key!r} does not match its SHA-256")
+    if delete:
+        store.delete(key)
+    return payload
+
+
+def _default_directory() -> str:
+    return os.path.join(tempfile.gettempdir(), f"celery-gpu-claims-{os.getuid()}")
+
+
+def store_for_app(app: Any) -> Store:
+    """The store for a Celery app: its Redis result backend's client, else its Redis broker, else a FileStore.
+
+    The FileStore (``<tempdir>/celery-gpu-claims-<uid>``) only works when producers and workers share a
+    filesystem.
+    """
+    from celery.backends.redis import RedisBackend
+
+    if isinstance(app.backend, RedisBackend):
+        return RedisStore(app.backend.client)
+    broker = app.conf.broker_url
+    if isinstance(broker, (list, tuple)):
+        broker = broker[0] if broker else None
+    if isinstance(broker, str):
+        broker = broker.split(";")[0].strip()  # a failover list: the first one
+        if urlsplit(broker).scheme in ("redis", "rediss", "redis+socket", "socket"):
+            return RedisStore.from_url(broker)
+    return FileStore(_default_directory())
