@@ -84,6 +84,9 @@ class GPU:
         from . import arrays
 
         arrays.register()  # the safe arrays serializer: `serializer="celery-gpu-arrays"` on any task
+        from . import claimcheck
+
+        claimcheck.configure_for_app(app)  # large arrays payloads out of band, in the app's store
         if app.configured:
             _accept_arrays(app)
         else:

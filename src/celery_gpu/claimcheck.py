@@ -13,6 +13,7 @@ directory that only works when producers and workers share a filesystem (one mac
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -26,7 +27,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgpack
 
-from celery_gpu.errors import CeleryGPUError
+from celery_gpu.errors import ArrayDecodeError
+
+logger = logging.getLogger("celery_gpu.claimcheck")
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -52,11 +55,11 @@ MAX_REDIS_VALUE = 512 * 1024 * 1024  # Redis's largest string (proto-max-bulk-le
 _HEX_KEY = re.compile(r"[0-9a-f]{32}")
 
 
-class ClaimMissing(CeleryGPUError, LookupError):
+class ClaimMissing(ArrayDecodeError, LookupError):
     """A stored payload is gone: never stored here, expired (TTL), or already consumed and deleted."""
 
 
-class ClaimCorrupt(CeleryGPUError, ValueError):
+class ClaimCorrupt(ArrayDecodeError):
     """A reference is malformed, or the stored payload does not match its size or SHA-256."""
 
 
@@ -238,24 +241,57 @@ class FileStore:
         return os.path.join(self.directory, key)
 
 
-def is_reference(data: bytes) -> bool:
+def is_reference(data: bytes | bytearray | memoryview) -> bool:
     """Whether ``data`` is a reference made by :func:`wrap` (not a payload)."""
-    return data[:len(MAGIC)] == MAGIC
+    return bytes(data[:len(MAGIC)]) == MAGIC
 
 
-def wrap(payload: bytes, store: Store, threshold: int = DEFAULT_THRESHOLD, ttl: float = DEFAULT_TTL) -> bytes:
+def wrap(payload: bytes, store: Store, threshold: int = DEFAULT_THRESHOLD, ttl: float = DEFAULT_TTL,
+         skeleton: bytes | None = None) -> bytes:
     """``payload`` itself when shorter than ``threshold``; otherwise stores it and returns a reference.
 
     A payload that happens to start with :data:`MAGIC` is always stored, so :func:`unwrap` never misreads it.
+    ``skeleton``, when given, rides in the reference: a small stand-in for the payload that a process which
+    must not fetch it (the worker's main process) can decode instead.
     """
     if len(payload) < threshold and not is_reference(payload):
         return payload
     key = store.put(payload, ttl)
-    ref: bytes = msgpack.packb({"key": key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+    doc: dict[str, Any] = {"key": key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    if skeleton is not None:
+        doc["skeleton"] = skeleton
+    ref: bytes = msgpack.packb(doc, use_bin_type=True)
     return MAGIC + ref
 
 
-def unwrap(data: bytes, store: Store, *, delete: bool = False) -> bytes:
+def _reference(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    try:
+        ref = msgpack.unpackb(bytes(data[len(MAGIC):]), raw=False)
+    except Exception as exc:
+        raise ClaimCorrupt(f"malformed claim reference: {exc}") from None
+    if not isinstance(ref, dict):
+        raise ClaimCorrupt(f"malformed claim reference: {ref!r}")
+    return ref
+
+
+def skeleton_of(data: bytes | bytearray | memoryview) -> bytes | None:
+    """The stand-in carried by a reference, if any."""
+    skeleton = _reference(data).get("skeleton")
+    return skeleton if isinstance(skeleton, bytes) else None
+
+
+def key_of(data: bytes | bytearray | memoryview) -> str | None:
+    """The store key a reference names; None for a payload that is not a reference."""
+    if not is_reference(data):
+        return None
+    key = _reference(data).get("key")
+    return key if isinstance(key, str) else None
+
+
+Blob = bytes | bytearray | memoryview
+
+
+def unwrap(data: Blob, store: Store, *, delete: bool = False) -> Blob:
     """``data`` unchanged unless it is a reference; then the stored payload, checked (and deleted if asked).
 
     Raises :class:`ClaimMissing` when the payload is gone, :class:`ClaimCorrupt` when the reference is
@@ -263,11 +299,11 @@ def unwrap(data: bytes, store: Store, *, delete: bool = False) -> bytes:
     """
     if not is_reference(data):
         return data
+    ref = _reference(data)
     try:
-        ref = msgpack.unpackb(data[len(MAGIC):])
         key, size, digest = ref["key"], ref["size"], ref["sha256"]
-    except Exception as exc:
-        raise ClaimCorrupt(f"malformed claim reference: {exc}") from None
+    except KeyError as exc:
+        raise ClaimCorrupt(f"malformed claim reference: missing {exc}") from None
     if not (isinstance(key, str) and isinstance(size, int) and isinstance(digest, str)):
         raise ClaimCorrupt(f"malformed claim reference: {ref!r}")
     payload = store.get(key)
@@ -290,6 +326,11 @@ def store_for_app(app: Any) -> Store:
     The FileStore (``<tempdir>/celery-gpu-claims-<uid>``) only works when producers and workers share a
     filesystem.
     """
+    return redis_store_for_app(app) or FileStore(_default_directory())
+
+
+def redis_store_for_app(app: Any) -> RedisStore | None:
+    """The app's Redis result backend's client, else its Redis broker; None when it has neither."""
     from celery.backends.redis import RedisBackend
 
     if isinstance(app.backend, RedisBackend):
@@ -301,4 +342,95 @@ def store_for_app(app: Any) -> Store:
         broker = broker.split(";")[0].strip()  # a failover list: the first one
         if urlsplit(broker).scheme in ("redis", "rediss", "redis+socket", "socket"):
             return RedisStore.from_url(broker)
-    return FileStore(_default_directory())
+    return None
+
+
+# -- the process-wide configuration used by the arrays serializer --------------------------------------------
+
+
+class _Config:
+    def __init__(self) -> None:
+        self.factory: Callable[[], Store] | None = None
+        self.store: Store | None = None
+        self.threshold = DEFAULT_THRESHOLD
+        self.ttl: float = DEFAULT_TTL
+        self.deferred = False
+        self.app: Any = None  # configure_for_app: settings read on first use, after the app is configured
+
+
+_config = _Config()
+
+
+def configure(factory: Callable[[], Store] | None, threshold: int = DEFAULT_THRESHOLD,
+              ttl: float = DEFAULT_TTL) -> None:
+    """Turn the claim-check on for this process (``factory`` makes the store on first use); None or a
+    threshold of 0 turns it off. ``GPU(app)`` calls it with the app's store and settings."""
+    _config.app = None
+    _config.factory = factory if threshold > 0 else None
+    _config.store = None
+    _config.threshold = threshold
+    _config.ttl = ttl
+
+
+def configure_for_app(app: Any) -> None:
+    """Use ``app``'s Redis (:func:`redis_store_for_app`) and its ``claim_threshold`` / ``claim_ttl`` settings,
+    read when first needed (so a configuration loaded after ``GPU(app)`` still counts). An app with no Redis
+    (neither backend nor broker) gets no claim-check: a directory is only shared when the user says so
+    (``configure(lambda: FileStore(path), ...)``)."""
+    _config.app = app
+    _config.factory = None
+    _config.store = None
+
+
+def _resolve_app() -> None:
+    app, _config.app = _config.app, None
+    if app is not None:
+        from .settings import Settings
+
+        settings = Settings.from_app(app.conf)
+        redis = redis_store_for_app(app) if settings.claim_threshold > 0 else None
+        configure((lambda: redis) if redis is not None else None, settings.claim_threshold, settings.claim_ttl)
+
+
+def threshold() -> int | None:
+    """The payload size from which the claim-check stores out of band; None when it is off."""
+    _resolve_app()
+    return _config.threshold if _config.factory is not None else None
+
+
+def ttl() -> float:
+    _resolve_app()
+    return _config.ttl
+
+
+def store() -> Store:
+    """The configured store (made on first use)."""
+    _resolve_app()
+    if _config.store is None:
+        if _config.factory is None:
+            raise ClaimMissing("a claim reference arrived but no claim store is configured in this process")
+        _config.store = _config.factory()
+    return _config.store
+
+
+def defer_fetch(flag: bool = True) -> None:
+    """In the worker's main process: decode references to their skeleton instead of fetching the payload (the
+    device process fetches it)."""
+    _config.deferred = flag
+
+
+def fetch_deferred() -> bool:
+    return _config.deferred
+
+
+def consumed(body: Any) -> None:
+    """The task whose message body is ``body`` has ended: delete its stored payload, if it had one (best effort;
+    the TTL removes it otherwise)."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        return
+    try:
+        key = key_of(body)
+        if key is not None:
+            store().delete(key)
+    except Exception:  # the store is down or the reference odd: the TTL cleans up
+        logger.debug("celery-gpu: could not delete a consumed claim", exc_info=True)

@@ -21,6 +21,7 @@ from typing import Any
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.concurrency.base import BasePool
 
+from . import claimcheck
 from .batch import BatchOptions
 from .batcher import Batch, Batcher
 from .control import register_pool, unregister_pool
@@ -103,6 +104,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if isinstance(self._loop, ThreadLoop):
             self._loop.start()
         register_pool(self)
+        claimcheck.defer_fetch()  # this process decodes bodies (Celery's Request) but never runs them
         if self.settings.metrics_port:
             from .metrics import start_exporter
 

@@ -13,6 +13,8 @@ shutdown_timeout      ``gpu_shutdown_timeout``     ``CELERY_GPU_SHUTDOWN_TIMEOUT
 bulk_receive          ``gpu_bulk_receive``         ``CELERY_GPU_BULK_RECEIVE``      ``256``
 metrics_port          ``gpu_metrics_port``         ``CELERY_GPU_METRICS_PORT``      ``0`` (off)
 metrics_addr          ``gpu_metrics_addr``         ``CELERY_GPU_METRICS_ADDR``      ``0.0.0.0``
+claim_threshold       ``gpu_claim_threshold``      ``CELERY_GPU_CLAIM_THRESHOLD``   8 MiB (0: off)
+claim_ttl             ``gpu_claim_ttl``            ``CELERY_GPU_CLAIM_TTL``         ``86400``
 ====================  ===========================  ===============================  =========
 """
 
@@ -42,6 +44,9 @@ class Settings:
             (within the prefetch window); 0 receives one message per round trip, as kombu does.
         metrics_port: TCP port of the Prometheus endpoint (``/metrics``) of the worker; 0 turns it off.
         metrics_addr: address that endpoint listens on.
+        claim_threshold: arrays-serializer payloads this large or larger are stored out of band (the result
+            backend's Redis, else a private directory) and the message carries a reference; 0 turns it off.
+        claim_ttl: seconds a stored payload is kept when no task consumes it.
     """
 
     devices: str = "all"
@@ -52,6 +57,8 @@ class Settings:
     bulk_receive: int = 256
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
+    claim_threshold: int = 8 * 1024 * 1024
+    claim_ttl: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -74,7 +81,7 @@ class Settings:
                 raw = conf.get(f"gpu_{f.name}")
             if raw is None:
                 continue
-            if f.name == "max_frame":
+            if f.name in ("max_frame", "claim_threshold"):
                 values[f.name] = parse_memory(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import claimcheck
 from .failures import describe_failure
 
 __all__ = ["decode", "refuse", "trace", "in_task", "set_in_task"]
@@ -72,6 +73,7 @@ def trace(
     request: dict[str, Any] = msg["request"]
     request.update({"args": args, "kwargs": kwargs, "hostname": hostname, "is_eager": False}, **(embed or {}))
     retval, info, runtime, rstr = trace_task(task, msg["uuid"], args, kwargs, request, app=app, hostname=hostname)
+    claimcheck.consumed(msg["body"])  # the task ended: its out-of-band payload, if any, is no longer needed
     if info:
         return {"failed": True, "exc": describe_failure(retval), "runtime": runtime}
     return {"failed": False, "retval": rstr, "runtime": runtime}

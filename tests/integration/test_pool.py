@@ -111,9 +111,10 @@ def test_long_payloads_travel_through_shared_memory(worker: Worker) -> None:
 def test_numpy_arrays_travel_with_the_arrays_serializer(worker: Worker, tmp_path: Path) -> None:
     import numpy as np
 
-    from celery_gpu import arrays
+    from celery_gpu import arrays, claimcheck
 
     arrays.register()
+    claimcheck.configure(None)  # in the message itself (out of band: the next test)
     big = np.arange(3 * 1024 * 1024, dtype="<f4").reshape(1024, 3072)  # 12 MiB: through shared memory
     cases = [np.asfortranarray(np.ones((3, 4), dtype=">i8")), big, np.zeros((0, 5), dtype="u1")]
     for a in cases:
@@ -123,6 +124,28 @@ def test_numpy_arrays_travel_with_the_arrays_serializer(worker: Worker, tmp_path
     assert call(worker, "array_stats", big[:2], {"m": np.eye(2)}, serializer=arrays.NAME).get(
         timeout=60)["extra"] == {"m": [2, 2]}
     assert call(worker, "array_stats", cases[0], serializer=arrays.NAME).get(timeout=60)["fortran"]
+
+
+def test_a_huge_payload_goes_out_of_band_and_is_deleted_once_consumed(worker: Worker) -> None:
+    import numpy as np
+
+    from celery_gpu import arrays, claimcheck
+
+    arrays.register()
+    store = claimcheck.store_for_app(worker.app)  # the backend's Redis, as the worker's GPU(app) picks it
+    assert isinstance(store, claimcheck.RedisStore)
+    claimcheck.configure(lambda: store, threshold=1 << 20, ttl=600)
+    try:
+        client = worker.app.backend.client
+        before = set(client.keys("celery-gpu-claim:*"))
+        a = np.arange(4 << 20, dtype="<u1").reshape(1024, 4096)  # 4 MiB: above the 1 MiB threshold
+        result = call(worker, "array_stats", a, serializer=arrays.NAME)
+        assert set(client.keys("celery-gpu-claim:*")) - before or result.ready(), "stored out of band"
+        got = result.get(timeout=60)
+        assert got["shape"] == [1024, 4096] and got["sum"] == float(a.astype("f8").sum())
+        assert wait_until(lambda: set(client.keys("celery-gpu-claim:*")) <= before, 10), "deleted once consumed"
+    finally:
+        claimcheck.configure(None)
 
 
 def test_a_pickle_message_is_refused_and_runs_nothing(worker: Worker, tmp_path: Path) -> None:

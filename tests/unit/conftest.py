@@ -24,6 +24,10 @@ def _isolated_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     receivers = list(sig.receivers)
     finalizers = set(_state._on_app_finalizers)
     current = devices._current
+    from celery_gpu import claimcheck
+
+    claimcheck.configure(None)  # no claim-check unless a test turns it on
+    claimcheck.defer_fetch(False)
     try:
         yield
     finally:

@@ -305,3 +305,46 @@ def test_store_for_app_falls_back_to_a_private_directory(make_app: Callable[...,
     assert isinstance(store, FileStore)
     assert store.directory == str(tmp_path / f"celery-gpu-claims-{os.getuid()}")
     assert unwrap(wrap(b"z" * 10, store, threshold=1, ttl=60), store, delete=True) == b"z" * 10
+
+
+# -- wired into the arrays serializer ------------------------------------------------------------------------
+
+
+def test_arrays_payloads_over_the_threshold_go_out_of_band(tmp_path: Path) -> None:
+    import numpy as np
+
+    from celery_gpu import arrays, claimcheck
+
+    store = claimcheck.FileStore(tmp_path / "claims")
+    claimcheck.configure(lambda: store, threshold=1 << 16, ttl=60)
+    try:
+        body = ((np.ones(1 << 15, dtype="<f4"),), {}, {"callbacks": None, "chord": None})
+        wire = arrays.dumps(body)
+        assert claimcheck.is_reference(wire) and len(wire) < 1024, "only a reference travels"
+        small = arrays.dumps(((np.ones(4, dtype="<f4"),), {}, {}))
+        assert not claimcheck.is_reference(small)
+        args, kwargs, embed = arrays.loads(wire)
+        assert args[0].shape == (1 << 15,) and embed == {"callbacks": None, "chord": None}
+        claimcheck.defer_fetch(True)  # the worker's main process: the skeleton, no fetch
+        try:
+            assert arrays.loads(wire) == [[], {}, {"callbacks": None, "chord": None}]
+        finally:
+            claimcheck.defer_fetch(False)
+        claimcheck.consumed(wire)
+        with pytest.raises(claimcheck.ClaimMissing):
+            arrays.loads(wire)
+        claimcheck.consumed(b"not a reference")  # nothing to do, no error
+    finally:
+        claimcheck.configure(None)
+
+
+def test_a_reference_without_a_store_is_a_named_decode_error() -> None:
+    from celery_gpu import claimcheck
+    from celery_gpu.errors import ArrayDecodeError
+
+    claimcheck.configure(None)
+    ref = claimcheck.MAGIC + __import__("msgpack").packb({"key": "0" * 32, "size": 1, "sha256": "x"})
+    from celery_gpu import arrays
+
+    with pytest.raises(ArrayDecodeError, match="no claim store"):
+        arrays.loads(ref)
