@@ -144,6 +144,7 @@ class GPU:
 
         def decorate(f: F) -> Any:
             options.setdefault("Strategy", "celery_gpu.strategy:guarded")
+            options.setdefault("gpu_default_serializer", "serializer" not in options)
             options["base"] = with_mixin(options.get("base") or self.app.Task)
             if batch is None:
                 return self.app.task(f, gpu=True, gpu_memory=gpu_memory, **options)

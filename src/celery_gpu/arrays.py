@@ -32,10 +32,14 @@ torch ``bfloat16`` (and the other dtypes numpy lacks) is refused with :class:`Ar
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import importlib
+import json
 import math
 import os
 import struct
+import uuid
 from typing import Any, Literal
 
 import msgpack
@@ -77,6 +81,8 @@ _PRELUDE = struct.Struct("<4sB3xQ")
 _MAGIC = b"CGPA"
 _VERSION = 1
 _ARRAY, _SCALAR = 1, 2
+# Values kombu's JSON also carries, as text (datetime/date/time: ISO 8601; UUID: its 16 bytes; Decimal: str).
+_DATETIME, _DATE, _TIME, _UUID, _DECIMAL = 3, 4, 5, 6, 7
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 _TASK_BODY_PARTS = ("args", "kwargs", "embed")
 
@@ -166,6 +172,9 @@ class _Encoder:
             return self._array(*found)
         if isinstance(obj, (str, float, bytes)):  # subclasses (str enums, np.str_): msgpack packs the base type
             return obj
+        plain = _plain_ext(obj)
+        if plain is not None:
+            return plain
         if isinstance(obj, int):  # int enums
             return self.walk(int(obj), depth)
         if isinstance(obj, bytearray):
@@ -190,7 +199,10 @@ class _Encoder:
         out = {}
         for key, value in obj.items():
             if not isinstance(key, str):
-                raise _Unsendable(f"dict key {key!r} is not a str")
+                if key is None or isinstance(key, (bool, int, float)):  # as JSON does: 1 -> "1", None -> "null"
+                    key = json.dumps(key)
+                else:
+                    raise _Unsendable(f"dict key {key!r} is not a str")
             try:
                 out[key] = self.walk(value, depth + 1)
             except _Unsendable as exc:
@@ -211,6 +223,37 @@ class _Encoder:
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
         self.arrays.append((offset, arr))
         return msgpack.ExtType(code, msgpack.packb([arr.dtype.str, list(arr.shape), order, offset, arr.nbytes]))
+
+
+def _plain_ext(obj: Any) -> msgpack.ExtType | None:
+    """datetime, date, time, UUID and Decimal, which kombu's JSON serializer also carries; else None."""
+    if isinstance(obj, datetime.datetime):
+        return msgpack.ExtType(_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, datetime.date):
+        return msgpack.ExtType(_DATE, obj.isoformat().encode())
+    if isinstance(obj, datetime.time):
+        return msgpack.ExtType(_TIME, obj.isoformat().encode())
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(_UUID, obj.bytes)
+    if isinstance(obj, decimal.Decimal):
+        return msgpack.ExtType(_DECIMAL, str(obj).encode())
+    return None
+
+
+def _plain_value(code: int, payload: bytes) -> Any:
+    try:
+        if code == _UUID:
+            return uuid.UUID(bytes=payload)
+        text = payload.decode("ascii")
+        if code == _DATETIME:
+            return datetime.datetime.fromisoformat(text)
+        if code == _DATE:
+            return datetime.date.fromisoformat(text)
+        if code == _TIME:
+            return datetime.time.fromisoformat(text)
+        return decimal.Decimal(text)
+    except (ValueError, ArithmeticError) as exc:
+        raise ArrayDecodeError(f"malformed value of extension type {code}: {exc}") from None
 
 
 def _raw(arr: np.ndarray[Any, Any]) -> memoryview:
@@ -293,6 +336,8 @@ class _Decoder:
         self.tensors = tensors
 
     def ext(self, code: int, payload: bytes) -> Any:
+        if code in (_DATETIME, _DATE, _TIME, _UUID, _DECIMAL):
+            return _plain_value(code, payload)
         if code not in (_ARRAY, _SCALAR):
             raise ArrayDecodeError(f"unknown extension type {code}")
         try:

@@ -1,4 +1,5 @@
-"""Bulk submit on the producer side: ``task.submit_many(items)`` publishes many tasks in one go.
+"""The producer side of GPU tasks: ``task.submit_many(items)`` publishes many tasks in one go, and messages
+use the arrays serializer by default.
 
 Unlike Celery's ``task.map`` (one task over a list), every item becomes its own task (its own id and result),
 so a batched task's worker can coalesce them. The messages are published through one producer connection,
@@ -33,7 +34,18 @@ class ItemResults(ResultSet):  # type: ignore[misc]
 
 
 class GPUTaskMixin:
-    """Adds :meth:`submit_many` to GPU tasks."""
+    """Adds :meth:`submit_many` to GPU tasks, and sends their messages with the arrays serializer
+    (``celery-gpu-arrays``: numpy/torch/CuPy arrays as raw buffers, no pickle) unless the task was declared
+    with a ``serializer`` or the app configures ``task_serializer`` explicitly."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        task: Any = self
+        if "serializer" not in options and getattr(task, "gpu_default_serializer", False) \
+                and not _configured(task.app, "task_serializer"):
+            from .arrays import NAME
+
+            options["serializer"] = NAME
+        return super().apply_async(args, kwargs, **options)  # type: ignore[misc]
 
     def submit_many(
         self, items: Iterable[Any], *, kwargs: dict[str, Any] | None = None, chunk: int = 1000, **options: Any,
@@ -61,6 +73,12 @@ class GPUTaskMixin:
                         extra = {"argsrepr": brief} if brief is not None and "argsrepr" not in options else {}
                         results.append(task.apply_async((item,), kwargs or {}, producer=producer, **extra, **options))
         return ItemResults(results, app=task.app)
+
+
+def _configured(app: Any, key: str) -> bool:
+    """Whether the app's configuration sets ``key`` itself (not only Celery's default)."""
+    maps: Any = getattr(app.conf, "maps", None)
+    return bool(maps) and any(key in m for m in maps[:-1])
 
 
 def _brief(item: Any, head: int = 4, over: int = 16) -> str | None:

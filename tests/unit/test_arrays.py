@@ -262,7 +262,7 @@ def test_tensors_must_be_numpy_or_torch() -> None:
     ([np.ma.masked_array([1, 2], mask=[0, 1])], r"^\[0\]: masked arrays are not supported"),
     ([2**64], r"^\[0\]: int 18446744073709551616 does not fit in 64 bits"),
     ([-(2**63) - 1], r"does not fit in 64 bits"),
-    ({1: "x"}, r"^value: dict key 1 is not a str"),
+    ({(1, 2): "x"}, r"^value: dict key \(1, 2\) is not a str"),
     (3j, r"^value: cannot serialize <class 'complex'>"),
 ])
 def test_unsupported_values_name_the_path(value: Any, match: str) -> None:
@@ -355,7 +355,7 @@ def test_forge_makes_a_valid_payload() -> None:
     (forge(["<f8", [1], "C", -64, 8]), "bad offset"),
     (forge(["<f8", [1], "C", 0]), "not \\[dtype, shape, order, offset, nbytes\\]"),
     (forge({"dtype": "<f8"}), "not \\[dtype"),
-    (forge(["<f8", [1], "C", 0, 8], code=7), "unknown extension type 7"),
+    (forge(["<f8", [1], "C", 0, 8], code=99), "unknown extension type 99"),
     (forge(["<f8", [1], "C", 0, 8], code=2), "a scalar with shape"),
     (forge(["<f8", [1], "C", 0, 8], version=2), "unsupported .* version 2"),
     (b"CGPA\x01\x00\x00\x00" + struct.pack("<Q", 2**40) + b"\x90", "header of 1099511627776 bytes runs past"),
@@ -545,3 +545,31 @@ def test_print_throughput() -> None:
     assert out.shape == arr.shape
     gb = arr.nbytes / 1e9
     print(f"\narrays: 64 MiB float32: dumps {gb / (t1 - t0):.1f} GB/s; loads {(t2 - t1) * 1e6:.0f} us (a view)")
+
+
+def test_json_like_values_kombu_json_also_carries() -> None:
+    import datetime
+    import decimal
+    import uuid
+
+    value = {
+        "when": datetime.datetime(2026, 11, 24, 13, 5, 7, 123456, tzinfo=datetime.timezone.utc),
+        "naive": datetime.datetime(2026, 1, 2, 3, 4, 5), "day": datetime.date(2026, 2, 3),
+        "at": datetime.time(4, 5, 6), "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "price": decimal.Decimal("10.50"), 1: "int key", None: "none key", 2.5: "float key",
+    }
+    out = loads(dumps(value))
+    assert out == {**{k: v for k, v in value.items() if isinstance(k, str)},
+                   "1": "int key", "null": "none key", "2.5": "float key"}, "keys become str as in JSON"
+    assert isinstance(out["price"], decimal.Decimal) and str(out["price"]) == "10.50"
+
+
+@pytest.mark.parametrize("code", [3, 4, 5, 6, 7])
+def test_a_malformed_plain_value_is_a_named_decode_error(code: int) -> None:
+    import msgpack
+
+    good = dumps([1])
+    header = msgpack.packb([msgpack.ExtType(code, b"\xff\xfe not a value")], use_bin_type=True)
+    forged = good[:8] + len(header).to_bytes(8, "little") + header
+    with pytest.raises(ArrayDecodeError):
+        loads(forged)
