@@ -47,7 +47,7 @@ __all__ = [
     "wrap",
 ]
 
-DEFAULT_THRESHOLD = 8 * 1024 * 1024  # bytes: smaller payloads stay in the message
+DEFAULT_THRESHOLD = 1024 * 1024  # bytes: smaller payloads stay in the message
 DEFAULT_TTL = 24 * 3600  # seconds a stored payload is kept when nobody consumes it
 MAGIC = b"\x00CGPUCLAIM1\x00"  # first bytes of a reference document
 MAX_REDIS_VALUE = 512 * 1024 * 1024  # Redis's largest string (proto-max-bulk-len); larger values are chunked

@@ -13,7 +13,7 @@ shutdown_timeout      ``gpu_shutdown_timeout``     ``CELERY_GPU_SHUTDOWN_TIMEOUT
 bulk_receive          ``gpu_bulk_receive``         ``CELERY_GPU_BULK_RECEIVE``      ``256``
 metrics_port          ``gpu_metrics_port``         ``CELERY_GPU_METRICS_PORT``      ``0`` (off)
 metrics_addr          ``gpu_metrics_addr``         ``CELERY_GPU_METRICS_ADDR``      ``0.0.0.0``
-claim_threshold       ``gpu_claim_threshold``      ``CELERY_GPU_CLAIM_THRESHOLD``   8 MiB (0: off)
+claim_threshold       ``gpu_claim_threshold``      ``CELERY_GPU_CLAIM_THRESHOLD``   1 MiB (0: off)
 claim_ttl             ``gpu_claim_ttl``            ``CELERY_GPU_CLAIM_TTL``         ``86400``
 ====================  ===========================  ===============================  =========
 """
@@ -57,7 +57,7 @@ class Settings:
     bulk_receive: int = 256
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
-    claim_threshold: int = 8 * 1024 * 1024
+    claim_threshold: int = 1024 * 1024
     claim_ttl: float = 24 * 3600.0
 
     def __post_init__(self) -> None:

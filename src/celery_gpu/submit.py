@@ -45,6 +45,14 @@ class GPUTaskMixin:
             from .arrays import NAME
 
             options["serializer"] = NAME
+        if "argsrepr" not in options and args:
+            brief = _brief_values(args)
+            if brief is not None:
+                options["argsrepr"] = brief
+        if "kwargsrepr" not in options and kwargs:
+            brief = _brief_values(kwargs)
+            if brief is not None:
+                options["kwargsrepr"] = brief
         return super().apply_async(args, kwargs, **options)  # type: ignore[misc]
 
     def submit_many(
@@ -79,6 +87,31 @@ def _configured(app: Any, key: str) -> bool:
     """Whether the app's configuration sets ``key`` itself (not only Celery's default)."""
     maps: Any = getattr(app.conf, "maps", None)
     return bool(maps) and any(key in m for m in maps[:-1])
+
+
+def _is_array(value: Any) -> bool:
+    module = type(value).__module__
+    return (module.startswith("numpy") and hasattr(value, "shape") and hasattr(value, "dtype")) or (
+        module.startswith(("torch", "cupy")) and hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def _brief_values(values: Any) -> str | None:
+    """``argsrepr``/``kwargsrepr`` naming arrays by shape and dtype (Celery's own repr prints every element of
+    an array below a thousand and costs more than sending it); None when no top-level value is an array."""
+    items = list(values.items()) if isinstance(values, dict) else list(enumerate(values))
+    if not any(_is_array(v) for _, v in items):
+        return None
+    from celery.utils.saferepr import saferepr
+
+    def one(v: Any) -> str:
+        if _is_array(v):
+            return f"<{type(v).__name__} shape={tuple(v.shape)} dtype={v.dtype}>"
+        return str(saferepr(v, maxlen=64))
+
+    if isinstance(values, dict):
+        return "{" + ", ".join(f"{k!r}: {one(v)}" for k, v in items) + "}"
+    inner = ", ".join(one(v) for _, v in items)
+    return f"({inner},)" if len(items) == 1 else f"({inner})"
 
 
 def _brief(item: Any, head: int = 4, over: int = 16) -> str | None:
