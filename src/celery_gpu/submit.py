@@ -85,6 +85,7 @@ class GPUTaskMixin:
 
 def _configured(app: Any, key: str) -> bool:
     """Whether the app's configuration sets ``key`` itself (not only Celery's default)."""
+    app.conf.get(key)  # loads a pending configuration (values set before it was loaded included)
     maps: Any = getattr(app.conf, "maps", None)
     return bool(maps) and any(key in m for m in maps[:-1])
 
