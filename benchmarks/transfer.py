@@ -101,13 +101,15 @@ CHECK_TOLERANCE = 1e-9  # relative: the sampled sum is computed from the same fl
 CHILD = """
 import socket, sys
 from celery_gpu.frames import Channel
-chan = Channel(socket.socket(fileno=int(sys.argv[1])), max_frame=1 << 30, shm_threshold=int(sys.argv[2]))
+chan = Channel(socket.socket(fileno=int(sys.argv[1])), max_frame=1 << 30, shm_threshold=int(sys.argv[2]),
+               landing=True)  # as the device process reads
 while True:
     try:
         msg = chan.read()
     except EOFError:
         break
     chan.write({"n": len(msg["body"])})
+    del msg  # as the device process: the landing buffer is reused when nothing views it
 """
 
 
@@ -411,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker", help="Redis URL of the e2e part (default: an embedded Redis started here)")
     parser.add_argument("--claim-threshold", type=int, metavar="BYTES",
                         help=f"set {CLAIM_ENV} for the worker and this client (default: the environment's value, "
-                             "else celery-gpu's default, 8 MiB)")
+                             "else celery-gpu's default, 1 MiB)")
     parser.add_argument("--out", type=Path, help="also write the final JSON line here")
     args = parser.parse_args(argv)
     if args.claim_threshold is not None and args.claim_threshold < 0:

@@ -73,7 +73,8 @@ def main() -> None:
     from .devices import Device, _set_current
 
     spec = json.loads(os.environ.pop(SPEC_ENV))
-    chan = Channel(socket.socket(fileno=spec["fd"]), spec["max_frame"])
+    # landing=True: long bodies arrive as views of a reused private buffer (see frames.py), no page faults
+    chan = Channel(socket.socket(fileno=spec["fd"]), spec["max_frame"], landing=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the worker's to handle (warm shutdown)
     signal.signal(signal.SIGUSR1, _on_soft_limit)
     _die_with_parent()
@@ -109,6 +110,7 @@ def main() -> None:
             chan.write(run_batch(app, msg, hostname, chan))
         else:
             chan.write(run_task(app, msg, hostname))
+        del msg  # drop the frame's views of the landing buffer before the next read, so it is reused
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     chan.close()
 

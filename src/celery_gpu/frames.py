@@ -85,9 +85,15 @@ class _Segment:
 class Channel:
     """One end of a stream socket carrying frames."""
 
-    def __init__(self, sock: socket.socket, max_frame: int = MAX_FRAME, shm_threshold: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int = MAX_FRAME, shm_threshold: int | None = None,
+                 landing: bool = False) -> None:
         self.sock = sock
         self.max_frame = max_frame
+        #: Resolve long byte strings into views of a private buffer reused from frame to frame (no fresh
+        #: allocation, so no page faults: the device process's side), instead of new ``bytes``.
+        self.landing = landing
+        self._landing: bytearray | None = None
+        self._landed = 0  # bytes of the landing buffer used by the frame being read
         usable = hasattr(os, "memfd_create") and sock.family == getattr(socket, "AF_UNIX", None)
         threshold = SHM_THRESHOLD if shm_threshold is None else shm_threshold
         #: Byte strings this long or longer go through shared memory; None: never (no memfd, not AF_UNIX).
@@ -168,6 +174,7 @@ class Channel:
             FrameError: the frame is larger than allowed, not valid msgpack, or refers outside the segment.
         """
         (size,) = _HEADER.unpack(self._read(_HEADER.size))
+        self._landed = 0
         if size > self.max_frame:
             raise FrameError(f"frame header announces {size} bytes, more than the maximum of {self.max_frame}")
         body = self._read(size)
@@ -187,8 +194,34 @@ class Channel:
         offset, length = _REF.unpack(data)
         if length > self.max_frame or offset + length > self._in.size:
             raise FrameError(f"a shared-memory reference ({offset}+{length}) outside the segment of {self._in.size}")
-        blob = self._in.map[offset:offset + length]
-        return blob.decode("utf-8", "surrogatepass") if code == _SHM_STR_EXT else blob
+        if code == _SHM_STR_EXT:
+            return self._in.map[offset:offset + length].decode("utf-8", "surrogatepass")
+        if not self.landing:
+            return self._in.map[offset:offset + length]
+        target = self._land(length)
+        with memoryview(self._in.map) as source:
+            target[:] = source[offset:offset + length]
+        return target
+
+    def _land(self, length: int) -> memoryview:
+        """``length`` bytes of the landing buffer for the frame being read. The buffer is reused while nothing
+        still views it (a task that keeps an array of its input keeps that buffer: a new one is made)."""
+        buf = self._landing
+        if buf is not None and self._landed == 0:
+            try:
+                buf.append(0)  # a bytearray with live views cannot change size: BufferError
+                buf.pop()
+            except BufferError:
+                buf = self._landing = None
+        if buf is None or self._landed + length > len(buf):
+            if self._landed == 0:
+                buf = self._landing = bytearray(max(length, _MIN_SEGMENT))
+            else:  # earlier strings of this frame live in the old buffer; the rest go to a new one
+                buf = self._landing = bytearray(max(length, _MIN_SEGMENT, len(buf or b"") * 2))
+                self._landed = 0
+        start = self._landed
+        self._landed += length
+        return memoryview(buf)[start:start + length]
 
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)

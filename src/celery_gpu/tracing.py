@@ -41,8 +41,11 @@ def decode(app: Any, msg: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     from kombu.serialization import loads
 
     task = app.tasks[msg["name"]]
+    body = msg["body"]
+    if isinstance(body, memoryview) and msg["content_encoding"] not in ("binary", "ascii-8bit"):
+        body = bytes(body)  # text serializers want bytes; binary ones (arrays, msgpack) decode the view itself
     args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
-        msg["body"], msg["content_type"], msg["content_encoding"], accept=_accept(app),
+        body, msg["content_type"], msg["content_encoding"], accept=_accept(app),
     )
     return task, args, kwargs, embed
 

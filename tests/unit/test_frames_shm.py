@@ -150,3 +150,53 @@ def test_a_killed_peer_leaves_nothing_behind(tmp_path: Path) -> None:
     chan.close()
     assert not memfds(os.getpid())
     assert not [n for n in (os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []) if "celery" in n]
+
+
+def landing_pair() -> tuple[Channel, Channel]:
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    return Channel(a), Channel(b, landing=True)
+
+
+def test_landing_gives_views_of_one_reused_buffer() -> None:
+    left, right = landing_pair()
+    try:
+        first = os.urandom(2 * 1024 * 1024)
+        got = exchange(left, right, {"body": first})
+        assert isinstance(got["body"], memoryview) and bytes(got["body"]) == first
+        base = got["body"].obj
+        del got
+        second = os.urandom(1024 * 1024)
+        got = exchange(left, right, {"body": second, "more": [second[:SHM_THRESHOLD]]})
+        assert bytes(got["body"]) == second and bytes(got["more"][0]) == second[:SHM_THRESHOLD]
+        assert got["body"].obj is base, "nothing viewed the buffer any more: reused"
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_kept_view_is_never_overwritten() -> None:
+    left, right = landing_pair()
+    try:
+        first = os.urandom(1024 * 1024)
+        kept = exchange(left, right, {"body": first})["body"]  # a task that keeps its input
+        second = os.urandom(1024 * 1024)
+        got = exchange(left, right, {"body": second})
+        assert bytes(got["body"]) == second
+        assert bytes(kept) == first, "the kept view still shows its own frame"
+        assert got["body"].obj is not kept.obj
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_frame_larger_than_the_buffer_spills_into_a_new_one() -> None:
+    left, right = landing_pair()
+    try:
+        parts = [os.urandom(700 * 1024) for _ in range(3)]  # 2.1 MiB in one frame, buffer starts at 1 MiB
+        got = exchange(left, right, {"items": [{"body": p} for p in parts]})
+        assert [bytes(i["body"]) for i in got["items"]] == parts
+    finally:
+        left.close()
+        right.close()
