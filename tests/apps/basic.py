@@ -89,6 +89,13 @@ def echo(blob: str) -> str:
 
 
 @gpu.task
+def echo_slowly(blob: str, seconds: float) -> int:
+    """Holds a long argument for ``seconds`` (a process to kill in the middle of a task)."""
+    time.sleep(seconds)
+    return len(blob)
+
+
+@gpu.task
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds

@@ -200,3 +200,40 @@ def test_a_frame_larger_than_the_buffer_spills_into_a_new_one() -> None:
     finally:
         left.close()
         right.close()
+
+
+def test_a_forged_shared_memory_frame_with_a_pickle_body_runs_nothing(tmp_path: Path) -> None:
+    """A frame that passes a pickle payload through shared memory (as if the worker had) is refused by the
+    device process's decoder (accept_content), and the payload's __reduce__ never runs."""
+    import pickle
+
+    from celery import Celery
+
+    from celery_gpu.child import run_task
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (open, (str(marker), "w"))
+
+    app = Celery("forged", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+    @app.task(name="forged.t")
+    def t(x: object) -> object:
+        return x
+
+    left, right = landing_pair()
+    try:
+        body = pickle.dumps(((Evil(),), {}, {})) + b"\0" * SHM_THRESHOLD  # long: through shared memory
+        msg = exchange(left, right, {"t": "run", "job": 1, "name": "forged.t", "uuid": "forged-1", "request": {},
+                                     "body": body, "content_type": "application/x-python-serialize",
+                                     "content_encoding": "binary"})
+        assert isinstance(msg, dict) and isinstance(msg["body"], memoryview)
+        done = run_task(app, msg, "forged@test")
+    finally:
+        left.close()
+        right.close()
+    assert done["failed"] and done["exc"]["type"] == "MalformedTaskMessage"
+    assert "ContentDisallowed" in done["exc"]["message"] or "untrusted" in done["exc"]["message"]
+    assert not marker.exists()
