@@ -107,6 +107,27 @@ class Worker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def watch_events(app: Any, seconds: float = 30) -> dict[str, list[str]]:
+    """Event types received per task id ("" for worker events), filled by a thread for ``seconds``; returns
+    once the worker's heartbeat (every 2 s) shows that the receiver is consuming."""
+    import threading
+
+    seen: dict[str, list[str]] = {}
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            recv = app.events.Receiver(conn, handlers={"*": lambda e: seen.setdefault(e.get("uuid", ""), [])
+                                                       .append(e["type"])})
+            try:
+                recv.capture(limit=None, timeout=seconds, wakeup=False)
+            except Exception:
+                pass
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert wait_until(lambda: "worker-heartbeat" in seen.get("", []), 15), seen
+    return seen
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a live (non-zombie) process."""
     try:

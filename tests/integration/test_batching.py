@@ -22,7 +22,7 @@ import pytest
 
 from celery_gpu import GPU
 from tests.brokers import Broker, make
-from tests.worker import Worker, wait_until
+from tests.worker import Worker, wait_until, watch_events
 
 pytestmark = pytest.mark.broker
 T = "tests.apps.batched."
@@ -129,23 +129,7 @@ def test_batch_size_bounds_every_call(worker: Worker) -> None:
 
 
 def test_each_item_is_its_own_task_with_result_and_events(worker: Worker) -> None:
-    app = worker.app
-    seen: dict[str, list[str]] = {}
-    ready = threading.Event()
-
-    def listen() -> None:
-        with app.connection_for_read() as conn:
-            recv = app.events.Receiver(conn, handlers={"*": lambda e: seen.setdefault(e.get("uuid", ""), [])
-                                                       .append(e["type"])})
-            ready.set()
-            try:
-                recv.capture(limit=None, timeout=30, wakeup=False)
-            except Exception:
-                pass
-
-    threading.Thread(target=listen, daemon=True).start()
-    ready.wait(10)
-    assert wait_until(lambda: "worker-heartbeat" in seen.get("", []), 15), seen
+    seen = watch_events(worker.app)
     naps = occupy(worker, 2.0)
     since = time.time()
     results = client_task(worker, "double").submit_many([5, 6, 7, 8])

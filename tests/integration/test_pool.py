@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from celery.exceptions import TimeLimitExceeded
 
 from tests.brokers import Broker, make
-from tests.worker import Worker, alive, wait_until
+from tests.worker import Worker, alive, wait_until, watch_events
 
 pytestmark = pytest.mark.broker
 T = "tests.apps.basic."
@@ -270,25 +269,7 @@ def test_inspect_active_and_stats_show_device_processes(worker: Worker) -> None:
 
 
 def test_task_events_are_sent(worker: Worker) -> None:
-    app = worker.app
-    seen: dict[str, list[str]] = {}
-    ready = threading.Event()
-
-    def listen() -> None:
-        with app.connection_for_read() as conn:
-            recv = app.events.Receiver(conn, handlers={"*": lambda e: seen.setdefault(e.get("uuid", ""), [])
-                                                       .append(e["type"])})
-            ready.set()
-            try:
-                recv.capture(limit=None, timeout=30, wakeup=False)
-            except Exception:
-                pass
-
-    t = threading.Thread(target=listen, daemon=True)
-    t.start()
-    ready.wait(10)
-    # The worker sends a heartbeat event every 2 s: once one arrives, the receiver is surely consuming.
-    assert wait_until(lambda: "worker-heartbeat" in seen.get("", []), 15), seen
+    seen = watch_events(worker.app)
     result = call(worker, "add", 3, 4)
     assert result.get(timeout=30) == 7
     assert wait_until(lambda: "task-succeeded" in seen.get(result.id, []), 15), seen.get(result.id)
