@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
 from celery import Celery, _state, signals
 
 from celery_gpu import devices
+from celery_gpu.frames import Channel
 
 _app_ids = itertools.count(1)
 
@@ -50,3 +52,17 @@ def make_app() -> Callable[..., Celery]:
         return app
 
     return make
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Channel, Channel]]:
+    """Two frame channels on a socketpair (10 s timeouts), closed afterwards."""
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    left, right = Channel(a), Channel(b)
+    try:
+        yield left, right
+    finally:
+        left.close()
+        right.close()

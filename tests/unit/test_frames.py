@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,6 @@ from celery_gpu.errors import FrameError
 from celery_gpu.frames import MAX_FRAME, Channel
 
 HEADER = struct.Struct("!I")
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[Channel, Channel]]:
-    a, b = socket.socketpair()
-    a.settimeout(5)
-    b.settimeout(5)
-    left, right = Channel(a), Channel(b)
-    try:
-        yield left, right
-    finally:
-        left.close()
-        right.close()
 
 
 def _nothing_pending(sock: socket.socket) -> bool:

@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -19,19 +18,6 @@ from celery_gpu.errors import FrameError
 from celery_gpu.frames import SHM_THRESHOLD, Channel
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd on this platform")
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[Channel, Channel]]:
-    a, b = socket.socketpair()
-    a.settimeout(10)
-    b.settimeout(10)
-    left, right = Channel(a), Channel(b)
-    try:
-        yield left, right
-    finally:
-        left.close()
-        right.close()
 
 
 def exchange(writer: Channel, reader: Channel, obj: object) -> object:
