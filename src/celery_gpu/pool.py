@@ -236,14 +236,15 @@ class GPUPool(BasePool):  # type: ignore[misc]
         ``worker-gpu`` event, the metrics exporter). Call it on the pool's loop thread."""
         devices = []
         for d in self.devices:
-            slots = [s for s in self.slots if s.device is d]
-            busy = sum(s.state == "busy" for s in slots)
+            info = self._device_info(d)
+            slots = info["slots"]
+            for slot in slots:
+                slot["restarts"] = self.telemetry.restarts[(d.label, slot["slot"])]
+            busy = sum(slot["state"] == "busy" for slot in slots)
+            quarantined = info.pop("failed")
             devices.append({
-                "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,
-                "reserved_memory": self._reserved[d.label], "quarantined": d.label in self._failed,
-                "reason": self._failed_reason.get(d.label),
+                **info, "quarantined": quarantined, "reason": self._failed_reason.get(d.label),
                 "readings": self._readings.read(d, busy, len(slots), self._reserved[d.label]),
-                "slots": [{**s.info(), "restarts": s.restarts} for s in slots],
                 "counters": self.telemetry.counters(d.label),
             })
         return {
@@ -258,16 +259,17 @@ class GPUPool(BasePool):  # type: ignore[misc]
             "processes": [s.pid for s in self.slots if s.proc is not None],
             "pending": len(self._pending) + len(self._batcher),
             "batching": self._batching_info(),
-            "devices": [
-                {
-                    "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,
-                    "reserved_memory": self._reserved[d.label], "failed": d.label in self._failed,
-                    "slots": [s.info() for s in self.slots if s.device is d],
-                }
-                for d in self.devices
-            ],
+            "devices": [self._device_info(d) for d in self.devices],
         })
         return info
+
+    def _device_info(self, d: Device) -> dict[str, Any]:
+        """A device and its slots as ``inspect stats`` shows them (``status()`` adds readings and counters)."""
+        return {
+            "device": d.label, "name": d.name, "kind": d.kind, "total_memory": d.total_memory,
+            "reserved_memory": self._reserved[d.label], "failed": d.label in self._failed,
+            "slots": [s.info() for s in self.slots if s.device is d],
+        }
 
     # -- placement ---------------------------------------------------------------------------------------
 
@@ -530,7 +532,6 @@ class GPUPool(BasePool):  # type: ignore[misc]
             logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
                            f" while running {work.name}[{work.task_id}]" if work else "")
         if was != "starting":
-            slot.restarts += 1
             self.telemetry.restarted(slot.device.label, slot.index)
         self._schedule_respawn(slot, failed_start=was == "starting")
 

@@ -100,7 +100,6 @@ class Slot:
         self.pid: int | None = None
         self.job: Job | Batch | None = None  # the work it runs now
         self.start_failures = 0
-        self.restarts = 0  # processes of this slot replaced after they died, were killed or recycled
         self.respawn_at = 0.0
         self.tasks_done = 0
         self.process_tasks = 0  # tasks run by the current process (for --max-tasks-per-child)
