@@ -12,17 +12,19 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["AckBuffer"]
+__all__ = ["AckBuffer", "keeps_unacked_index"]
 
 logger = logging.getLogger("celery_gpu.acks")
 
 
-def _redis_channel_type() -> type | None:
+def keeps_unacked_index(channel: Any) -> bool:
+    """Whether ``channel`` is kombu's Redis channel with its unacked index (every one but ``ack_emulation=False``):
+    the index that acks remove messages from and that bulk receive writes to."""
     try:
         from kombu.transport.redis import Channel
     except ImportError:  # pragma: no cover - redis is a core dependency
-        return None
-    return Channel
+        return False
+    return isinstance(channel, Channel) and hasattr(getattr(channel, "qos", None), "_remove_from_indices")
 
 
 class AckBuffer:
@@ -53,14 +55,12 @@ class AckBuffer:
         if not pending:
             return
         self.flushes += 1
-        redis_channel = _redis_channel_type()
         by_channel: dict[int, list[tuple[Any, Any, Any]]] = {}
         for entry in pending:
             by_channel.setdefault(id(entry[0].channel), []).append(entry)
         for entries in by_channel.values():
             channel: Any = entries[0][0].channel
-            keeps_unacked = hasattr(getattr(channel, "qos", None), "_remove_from_indices")  # not ack_emulation=False
-            if redis_channel is not None and isinstance(channel, redis_channel) and len(entries) > 1 and keeps_unacked:
+            if len(entries) > 1 and keeps_unacked_index(channel):
                 self._flush_redis(channel, entries)
             else:
                 for message, log, errors in entries:

@@ -22,17 +22,11 @@ from typing import Any
 
 from celery import bootsteps
 
+from .acks import keeps_unacked_index
+
 __all__ = ["BulkReceive", "install", "installed"]
 
 logger = logging.getLogger("celery_gpu.bulkrecv")
-
-
-def _is_redis_channel(channel: Any) -> bool:
-    try:
-        from kombu.transport.redis import Channel
-    except ImportError:  # pragma: no cover - redis is a core dependency
-        return False
-    return isinstance(channel, Channel)
 
 
 @cache
@@ -60,9 +54,7 @@ def install(channel: Any, n: int) -> bool:
     Returns False (and changes nothing) for other transports, for ``n < 1``, or for a channel whose QoS has no
     unacked index (``ack_emulation=False``: kombu's plain receive costs one round trip there already).
     """
-    if n < 1 or not _is_redis_channel(channel):
-        return False
-    if not hasattr(getattr(channel, "qos", None), "_remove_from_indices"):
+    if n < 1 or not keeps_unacked_index(channel):
         return False
     channel._celery_gpu_bulk = n
     channel.handlers["BRPOP"] = lambda **options: _brpop_read(channel, **options)
