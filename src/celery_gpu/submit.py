@@ -77,9 +77,7 @@ class GPUTaskMixin:
             for start_items in _chunks(items, chunk):
                 with batch(max_size=chunk) if batch is not None else nullcontext():
                     for item in start_items:
-                        brief = _brief(item)
-                        extra = {"argsrepr": brief} if brief is not None and "argsrepr" not in options else {}
-                        results.append(task.apply_async((item,), kwargs or {}, producer=producer, **extra, **options))
+                        results.append(task.apply_async((item,), kwargs or {}, producer=producer, **options))
         return ItemResults(results, app=task.app)
 
 
@@ -96,32 +94,33 @@ def _is_array(value: Any) -> bool:
         module.startswith(("torch", "cupy")) and hasattr(value, "shape") and hasattr(value, "dtype"))
 
 
+_LONG = 16  # a list or tuple argument longer than this is shown by its first items and its length
+
+
+def _is_long(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > _LONG
+
+
 def _brief_values(values: Any) -> str | None:
-    """``argsrepr``/``kwargsrepr`` naming arrays by shape and dtype (Celery's own repr prints every element of
-    an array below a thousand and costs more than sending it); None when no top-level value is an array."""
+    """A short ``argsrepr``/``kwargsrepr`` when a top-level value is an array (named by shape and dtype) or a
+    long list (its first items and length): Celery's own repr of those costs more than the rest of the publish
+    (numpy prints every element of an array below a thousand). None to let Celery write its own."""
     items = list(values.items()) if isinstance(values, dict) else list(enumerate(values))
-    if not any(_is_array(v) for _, v in items):
+    if not any(_is_array(v) or _is_long(v) for _, v in items):
         return None
     from celery.utils.saferepr import saferepr
 
     def one(v: Any) -> str:
         if _is_array(v):
             return f"<{type(v).__name__} shape={tuple(v.shape)} dtype={v.dtype}>"
+        if _is_long(v):
+            return f"[{', '.join(repr(x)[:32] for x in v[:4])}, ... {len(v)} items]"
         return str(saferepr(v, maxlen=64))
 
     if isinstance(values, dict):
         return "{" + ", ".join(f"{k!r}: {one(v)}" for k, v in items) + "}"
     inner = ", ".join(one(v) for _, v in items)
     return f"({inner},)" if len(items) == 1 else f"({inner})"
-
-
-def _brief(item: Any, head: int = 4, over: int = 16) -> str | None:
-    """A short ``argsrepr`` for a long list/tuple item (Celery's full ``saferepr`` of it costs more than the
-    rest of the publish); ``None`` to let Celery write its own."""
-    if isinstance(item, (list, tuple)) and len(item) > over:
-        shown = ", ".join(repr(x)[:32] for x in item[:head])
-        return f"([{shown}, ... {len(item)} items],)"
-    return None
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
