@@ -112,7 +112,7 @@ class Channel:
         """Encode ``obj`` and write it as one frame (blocking until written)."""
         big: list[Blob] = []
         if self.shm_threshold is not None:
-            obj = self._externalize(obj, big, self.shm_threshold)
+            obj = self._externalize(obj, big, [0], self.shm_threshold)
         body = msgpack.packb(obj, use_bin_type=True, default=_fallback)
         total = len(body) + sum(len(b) for b in big)
         if total > self.max_frame:
@@ -126,21 +126,21 @@ class Channel:
         else:
             self.sock.sendall(data)
 
-    def _externalize(self, obj: Any, big: list[Blob], threshold: int) -> Any:
-        """``obj`` with each long byte string replaced by a reference to where :meth:`_place` will put it."""
-        if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) >= threshold:
-            offset = sum(len(b) for b in big)
-            big.append(obj)
-            return msgpack.ExtType(_SHM_EXT, _REF.pack(offset, len(obj)))
+    def _externalize(self, obj: Any, big: list[Blob], end: list[int], threshold: int) -> Any:
+        """``obj`` with each long byte string replaced by a reference to where :meth:`_place` will put it
+        (``end[0]``: the bytes placed so far)."""
+        code = _SHM_EXT
         if isinstance(obj, str) and len(obj) >= threshold:
-            data = obj.encode("utf-8", "surrogatepass")
-            offset = sum(len(b) for b in big)
-            big.append(data)
-            return msgpack.ExtType(_SHM_STR_EXT, _REF.pack(offset, len(data)))
+            obj, code = obj.encode("utf-8", "surrogatepass"), _SHM_STR_EXT
+        if isinstance(obj, (bytes, bytearray, memoryview)) and len(obj) >= threshold:
+            big.append(obj)
+            ref = msgpack.ExtType(code, _REF.pack(end[0], len(obj)))
+            end[0] += len(obj)
+            return ref
         if isinstance(obj, dict):
-            return {k: self._externalize(v, big, threshold) for k, v in obj.items()}
+            return {k: self._externalize(v, big, end, threshold) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return [self._externalize(v, big, threshold) for v in obj]
+            return [self._externalize(v, big, end, threshold) for v in obj]
         return obj
 
     def _place(self, big: list[Blob]) -> list[int]:
