@@ -3,12 +3,12 @@
 kombu's Redis transport receives one message per ``BRPOP`` and then writes it to the unacked index with a
 second, synchronous round trip: two round trips in the worker's main process for every task, which caps how
 fast a worker can fill batches. When the reply of a ``BRPOP`` arrives, :func:`install`'s reader also pops up
-to ``n`` more messages from the same list (``RPOP key count``, Redis >= 6.2) and writes all of them to the
-unacked index in one pipeline, *before* any is handed to Celery (so an early ack never races the index
-write). Then each message is delivered exactly as kombu would deliver it. The prefetch window is respected:
-never more than the channel's QoS still allows. The popped messages are unacked (restored on a lost worker
-after the visibility timeout, as always); the window in which a popped message is in neither the list nor
-the index is the one kombu already has for each ``BRPOP``.
+to ``n`` more messages from the same list and writes them to the unacked index in the same atomic step (a
+Lua script), in the round trip that indexes the first message, *before* any is handed to Celery (so an early
+ack never races the index write). Then each message is delivered exactly as kombu would deliver it. The
+prefetch window is respected: never more than the channel's QoS still allows. The popped messages are
+unacked (restored on a lost worker after the visibility timeout, as always); the only window in which a
+message is in neither the list nor the index is the one kombu itself has for the message of each ``BRPOP``.
 """
 
 from __future__ import annotations
@@ -100,42 +100,52 @@ def _brpop_read(channel: Any, **options: Any) -> bool:
             flush()
 
 
-def _take_more(channel: Any, key: Any, first: tuple[str, dict[str, Any]], extra: int) -> list[dict[str, Any]]:
-    """Pop up to ``extra`` more messages from ``key``, and write the unacked index of all of them."""
-    from redis.exceptions import ResponseError
+# Pops up to ARGV[1] messages from KEYS[1] and writes each to the unacked index (KEYS[2] hash, KEYS[3] sorted
+# set, score ARGV[2]) in the same atomic step, as kombu's QoS.append would: a popped message is never in
+# neither place, however the worker dies. A message without a delivery tag is returned unindexed (kombu
+# fails it on delivery, as it would have).
+_POP_AND_INDEX = """
+local function enc(v) if v == nil then return 'null' end return cjson.encode(v) end
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('RPOP', KEYS[1])
+  if not raw then break end
+  local ok, msg = pcall(cjson.decode, raw)
+  if ok and type(msg) == 'table' and type(msg.properties) == 'table' and msg.properties.delivery_tag then
+    local tag = msg.properties.delivery_tag
+    local info = msg.properties.delivery_info
+    if type(info) ~= 'table' then info = {} end
+    redis.call('ZADD', KEYS[3], ARGV[2], tag)
+    redis.call('HSET', KEYS[2], tag, '[' .. raw .. ', ' .. enc(info.exchange) .. ', ' .. enc(info.routing_key) .. ']')
+  end
+  out[#out + 1] = raw
+end
+return out
+"""
 
+
+def _take_more(channel: Any, key: Any, first: tuple[str, dict[str, Any]], extra: int) -> list[dict[str, Any]]:
+    """Write the unacked index of the message just received, and pop up to ``extra`` more messages from
+    ``key`` with their index entries written in the same atomic step (one round trip in all)."""
     k = _kombu()
-    more: list[tuple[str, dict[str, Any]]] = []
+    qos = channel.qos
     with channel.conn_or_acquire() as client:
         pipe = client.pipeline(transaction=False)
-        _index(channel.qos, pipe, *first)
+        _index(qos, pipe, *first)
         if extra:
-            pipe.rpop(key, extra)
+            script = getattr(channel, "_celery_gpu_pop", None)
+            if script is None:
+                script = channel._celery_gpu_pop = client.register_script(_POP_AND_INDEX)
+            script(keys=[key, qos.unacked_key, qos.unacked_index_key], args=[extra, time()], client=pipe)
         try:
             replies = pipe.execute(raise_on_error=False)
         finally:
             pipe.reset()
-        for reply in replies[:2]:  # ZADD, HSET of the first message: a failure there is kombu's failure
-            if isinstance(reply, Exception):
-                raise reply
-        if extra:
-            popped = replies[2]
-            if isinstance(popped, ResponseError):  # a Redis before 6.2 has no RPOP count: receive one by one
-                logger.warning("celery-gpu: this Redis cannot pop several messages at once (%s); "
-                               "receiving one message per round trip", popped)
-                channel._celery_gpu_bulk = 0
-                channel.handlers["BRPOP"] = channel._brpop_read
-            elif isinstance(popped, Exception):
-                raise popped
-            elif popped:
-                raws = [k.bytes_to_str(raw) for raw in popped]
-                more = [(raw, k.loads(raw)) for raw in raws]
-        if more:
-            pipe = client.pipeline(transaction=False)
-            for raw, payload in more:
-                _index(channel.qos, pipe, raw, payload)
-            pipe.execute()
-    return [payload for _, payload in more]
+    for reply in replies:  # the index of the first message, or the pop: kombu's failure, raised as such
+        if isinstance(reply, Exception):
+            raise reply
+    popped = replies[2] if extra else None
+    return [k.loads(k.bytes_to_str(raw)) for raw in popped or ()]
 
 
 def _give_back(channel: Any, payloads: list[dict[str, Any]]) -> None:
