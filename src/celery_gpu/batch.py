@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from . import devmem, faults, guard
+from .classify import classify
 from .errors import BatchArgumentError, BatchResultMismatch
 
 __all__ = ["RetryItem", "BatchOptions", "item_runner", "call_batch", "item_of", "outcomes"]
@@ -94,13 +96,18 @@ def item_of(name: str, args: Sequence[Any]) -> Any:
     return args[0]
 
 
-def call_batch(task: Any, items: list[Any], kwargs: dict[str, Any], requests: list[Any] | None = None) -> list[Any]:
+def call_batch(
+    task: Any, items: list[Any], kwargs: dict[str, Any], requests: list[Any] | None = None, *, _oom: bool = False,
+) -> list[Any]:
     """Call the task's function on ``items``; one outcome per item (a result, an exception, a RetryItem).
 
     When the call raises, the batch is split in halves and each half called again, down to single items, so
     the good items still succeed and only the failing ones carry the exception: at most ``2n - 1`` calls.
-    A soft time limit is not split: every item gets it. A result count that differs from the item count
-    fails every item of that call with :class:`BatchResultMismatch`.
+    Out of memory is split the same way, after the allocator cache is freed; a single item that still does
+    not fit is tried once more, then fails with :class:`~celery_gpu.errors.DeviceOutOfMemory`. A sticky CUDA
+    error ends the device process (``guard.poisoned``): nothing computed there is reported. A soft time limit
+    is not split: every item gets it. A result count that differs from the item count fails every item of
+    that call with :class:`BatchResultMismatch`.
     """
     from celery.exceptions import SoftTimeLimitExceeded
 
@@ -108,20 +115,36 @@ def call_batch(task: Any, items: list[Any], kwargs: dict[str, Any], requests: li
     if requests is not None and opts.bind:
         task.push_request(batch=requests, called_directly=False)
     calls[0] += 1
+    kind = None
     try:
+        faults.on_call(len(items))
         out = opts.fn(task, items, **kwargs) if opts.bind else opts.fn(items, **kwargs)
         results = list(out)
     except SoftTimeLimitExceeded as exc:
         return [exc] * len(items)
     except Exception as exc:
-        if len(items) == 1:
+        kind = classify(exc)
+        if kind == "sticky":
+            guard.poisoned(exc)  # in a device process: does not return
+        if kind != "oom" and len(items) == 1:
             return [exc]
-        mid = len(items) // 2
-        head = call_batch(task, items[:mid], kwargs, requests[:mid] if requests else None)
-        return head + call_batch(task, items[mid:], kwargs, requests[mid:] if requests else None)
+        if kind == "oom" and len(items) == 1 and _oom:  # alone, with a freed cache, twice: it does not fit
+            return [guard.out_of_memory(task.name, exc)]
     finally:
         if requests is not None and opts.bind:
             task.pop_request()
+    if kind is not None:
+        if kind == "oom":
+            devmem.free_cached()
+            guard.note_split()
+            if len(items) == 1:
+                return call_batch(task, items, kwargs, requests, _oom=True)
+        mid = len(items) // 2
+        oom = _oom or kind == "oom"
+        head = call_batch(task, items[:mid], kwargs, requests[:mid] if requests else None, _oom=oom)
+        return head + call_batch(task, items[mid:], kwargs, requests[mid:] if requests else None, _oom=oom)
+    if _oom:
+        guard.note_fit(len(items))
     if len(results) != len(items):
         error = BatchResultMismatch(
             f"batched task {task.name} returned {len(results)} results for {len(items)} items; "

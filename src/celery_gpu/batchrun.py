@@ -9,7 +9,7 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
-from . import batch
+from . import batch, devmem, guard
 from .bulkstore import BulkStore
 from .errors import FrameError
 from .frames import Channel
@@ -69,6 +69,7 @@ def run_batch(app: Any, msg: dict[str, Any], hostname: str, chan: Channel | None
 
         outcome_of: dict[int, Any] = {}
         elapsed: dict[int, float] = {}
+        per_item_peak: int | None = None
         for members in groups.values():
             callable_members = []
             for m in members:
@@ -83,9 +84,13 @@ def run_batch(app: Any, msg: dict[str, Any], hostname: str, chan: Channel | None
                 continue
             task, kwargs = decoded[callable_members[0]][1], decoded[callable_members[0]][3]
             started = time.monotonic()
+            devmem.start_peak()
             results = batch.call_batch(task, [decoded[m][2][0] for m in callable_members], kwargs,
                                        [items[decoded[m][0]]["request"] for m in callable_members])
             took = time.monotonic() - started
+            peak = devmem.peak()
+            if peak is not None:
+                per_item_peak = max(per_item_peak or 0, -(-peak // len(callable_members)))
             for m, result in zip(callable_members, results, strict=True):
                 outcome_of[decoded[m][0]] = result
                 elapsed[decoded[m][0]] = took
@@ -110,4 +115,11 @@ def run_batch(app: Any, msg: dict[str, Any], hostname: str, chan: Channel | None
     finally:
         set_in_task(False)
         batch.outcomes.clear()
-    return {"t": "batch_done", "job": msg["job"], "items": done, "calls": batch.calls[0] - calls_before}
+    splits, fit = guard.oom_stats()
+    frame: dict[str, Any] = {"t": "batch_done", "job": msg["job"], "items": done,
+                             "calls": batch.calls[0] - calls_before}
+    if splits:
+        frame.update(oom_splits=splits, fit=fit)  # the pool forms batches of at most `fit` items now
+    if per_item_peak is not None:
+        frame["peak_per_item"] = per_item_peak
+    return frame

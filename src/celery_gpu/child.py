@@ -14,11 +14,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from . import devmem, faults, guard
 from .batchrun import run_batch
 from .frames import Channel
 from .imports import import_app
@@ -26,6 +29,13 @@ from .tracing import decode, in_task, refuse, set_in_task, trace
 
 #: Environment variable carrying the JSON start-up description of a device process.
 SPEC_ENV = "CELERY_GPU_SLOT"
+#: Seconds between heartbeats (``hb`` frames) of a device process; the pool's watchdog reads them.
+HEARTBEAT_EVERY = 1.0
+#: Exit status of a device process that stopped itself after a sticky CUDA error.
+EXIT_POISONED = 70
+#: Exit status of a device process that failed to start by injected fault (``fail_start``).
+EXIT_FAULT_START = 4
+
 
 def _die_with_parent() -> None:
     # Linux: the kernel SIGKILLs us when the worker's main process dies, so no device process is orphaned.
@@ -53,6 +63,7 @@ def _setup_logging(app: Any, loglevel: int, logfile: str | None) -> None:
 def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
     """Run one task message through Celery's tracer; return the ``done`` frame."""
     set_in_task(True)
+    devmem.start_peak()
     try:
         try:
             task, args, kwargs, embed = decode(app, msg)
@@ -62,7 +73,42 @@ def run_task(app: Any, msg: dict[str, Any], hostname: str) -> dict[str, Any]:
             outcome = trace(app, task, msg, args, kwargs, embed, hostname)
     finally:
         set_in_task(False)
-    return {"t": "done", "job": msg["job"], **outcome}
+    peak = devmem.peak()
+    splits, _ = guard.oom_stats()
+    return {"t": "done", "job": msg["job"], **outcome, **({"peak": peak} if peak is not None else {}),
+            **({"oom_splits": splits} if splits else {})}
+
+
+def _sender(chan: Channel) -> Callable[[dict[str, Any]], None]:
+    """Frame writes shared by the main thread and the heartbeat thread."""
+    lock = threading.Lock()
+
+    def send(frame: dict[str, Any]) -> None:
+        with lock:
+            chan.write(frame)
+
+    return send
+
+
+def _heartbeat(send: Callable[[dict[str, Any]], None]) -> None:
+    # Runs only while this process is alive and its interpreter runs: a process frozen in C code holding the
+    # GIL, or stopped, goes silent, and the pool's watchdog replaces it.
+    while True:
+        time.sleep(HEARTBEAT_EVERY)
+        try:
+            send({"t": "hb"})
+        except OSError:
+            return
+
+
+def _on_sticky(send: Callable[[dict[str, Any]], None]) -> Callable[[str, str], None]:
+    def report(error: str, text: str) -> None:
+        try:
+            send({"t": "poisoned", "error": error, "traceback": text[-8000:]})
+        finally:
+            os._exit(EXIT_POISONED)  # no cleanup, no result: the CUDA context can no longer be trusted
+
+    return report
 
 
 def main() -> None:
@@ -81,6 +127,11 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     device = Device.from_wire(spec["device"])
     hostname = spec["hostname"]
+    send = _sender(chan)
+    injected = faults.activate(device.kind, device.index)
+    if injected is not None and injected.fail_start:
+        os._exit(EXIT_FAULT_START)
+    guard.install(_on_sticky(send))
     # Celery's log format names the process, as prefork's children: here host, device and slot
     # ("[...: INFO/celery@gpu-3/cuda:1#0] Task proj.embed[<id>] succeeded"), so merged logs stay attributable.
     multiprocessing.current_process().name = f"{hostname}/{device.label}#{spec['slot']}"
@@ -94,9 +145,11 @@ def main() -> None:
         for hook in gpu.setup_hooks if gpu else ():
             hook(device)
     except BaseException as exc:
-        chan.write({"t": "setup_failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        send({"t": "setup_failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         os._exit(3)
-    chan.write({"t": "ready", "pid": os.getpid(), "setup_s": time.monotonic() - started})
+    send({"t": "ready", "pid": os.getpid(), "setup_s": time.monotonic() - started,
+          "mem": devmem.in_use(device.kind)})
+    threading.Thread(target=_heartbeat, args=(send,), name="celery-gpu-heartbeat", daemon=True).start()
     while True:
         try:
             msg = chan.read()
@@ -106,10 +159,10 @@ def main() -> None:
             break
         if msg.get("t") == "cancel":
             continue  # came after its batch had already ended
-        if msg.get("t") == "batch":
-            chan.write(run_batch(app, msg, hostname, chan))
-        else:
-            chan.write(run_task(app, msg, hostname))
+        done = run_batch(app, msg, hostname, chan) if msg.get("t") == "batch" else run_task(app, msg, hostname)
+        done["mem"] = devmem.in_use(device.kind)  # the pool recycles a process whose memory grows too far
+        send(done)
+        del done
         del msg  # drop the frame's views of the landing buffer before the next read, so it is reused
     signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     chan.close()

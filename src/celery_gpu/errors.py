@@ -16,6 +16,9 @@ __all__ = [
     "ArraySerializationError",
     "PayloadTooLarge",
     "ArrayDecodeError",
+    "DeviceOutOfMemory",
+    "TaskCrashedDevice",
+    "FaultSpecError",
 ]
 
 
@@ -69,3 +72,19 @@ class PayloadTooLarge(ArraySerializationError):
 
 class ArrayDecodeError(CeleryGPUError, ValueError):
     """A payload given to the arrays serializer is malformed or lies; kombu wraps it in its ``DecodeError``."""
+
+
+class DeviceOutOfMemory(CeleryGPUError):
+    """A single task (or batch item) does not fit in its device's memory even after the cache was freed."""
+
+
+class TaskCrashedDevice(CeleryGPUError):
+    """A task's device process died (crash, sticky CUDA error, frozen) on each of its allowed attempts.
+
+    Not a ``WorkerLostError``: Celery requeues those forever under ``task_reject_on_worker_lost``; this one
+    ends the task (and sends it to the dead-letter queue, when one is configured).
+    """
+
+
+class FaultSpecError(CeleryGPUError, ValueError):
+    """``CELERY_GPU_FAULTS`` (fault injection for fake devices) cannot be parsed."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import claimcheck
+from . import claimcheck, guard
 from .failures import describe_failure
 
 __all__ = ["decode", "refuse", "trace", "in_task", "set_in_task"]
@@ -73,6 +73,8 @@ def trace(
     """Run one decoded task through Celery's own tracer (results, retries, signals, backend writes)."""
     from celery.app.trace import trace_task
 
+    if getattr(task, "gpu", False) and getattr(task, "gpu_batch", None) is None:
+        guard.guard_run(task)  # out-of-memory retry and sticky-error exit (batched tasks: per call)
     request: dict[str, Any] = msg["request"]
     request.update({"args": args, "kwargs": kwargs, "hostname": hostname, "is_eager": False}, **(embed or {}))
     retval, info, runtime, rstr = trace_task(task, msg["uuid"], args, kwargs, request, app=app, hostname=hostname)
