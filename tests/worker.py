@@ -19,11 +19,12 @@ class Worker:
 
     def __init__(self, broker: Any, tmp: Path, devices: str = "fake:4", per_device: int = 1,
                  extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), cli: bool = False,
-                 app_module: str = "tests.apps.basic") -> None:
+                 app_module: str = "tests.apps.basic", queue: str | None = None) -> None:
         self.app_module = app_module
-        self.queue = f"q-{uuid.uuid4().hex[:10]}"
-        self.name = f"{self.queue}@test"
-        self.log_path = tmp / f"{self.queue}.log"
+        self.queue = queue or f"q-{uuid.uuid4().hex[:10]}"
+        # A second worker on a queue (``queue=``) gets a name of its own.
+        self.name = f"{self.queue}-{uuid.uuid4().hex[:4]}@test" if queue else f"{self.queue}@test"
+        self.log_path = tmp / f"{self.name.split('@')[0]}.log"
         self.setup_log = tmp / f"{self.queue}.setup"
         self.env = dict(
             os.environ, TEST_BROKER=broker.broker_url, TEST_BACKEND=broker.backend_url, TEST_QUEUE=self.queue,

@@ -132,7 +132,9 @@ class GPU:
         Args:
             memory: device memory the task needs (bytes or ``"2GiB"``); the pool never places it on a device
                 whose declared memory is taken, and fails it at once if no device of the worker is big enough.
-                For a batched task: the memory of one call at full batch size.
+                For a batched task: the memory of one call at full batch size. ``"auto"``: learned from
+                the peaks observed on the device (its first run has a device to itself; see
+                :mod:`celery_gpu.admission`).
             batch: make it a batched task of up to ``batch`` items per call: the function takes a list and
                 returns one result per item, while each ``delay(item)`` stays its own Celery task (see
                 :mod:`celery_gpu.batch` for how calls map to the list).
@@ -140,18 +142,19 @@ class GPU:
                 device processes are busy (a free worker with nothing else to do never waits).
             **options: any ``app.task`` option.
         """
-        gpu_memory = 0 if memory is None else parse_memory(memory)
+        auto = isinstance(memory, str) and memory.strip().lower() == "auto"
+        gpu_memory = 0 if memory is None or auto else parse_memory(memory)
 
         def decorate(f: F) -> Any:
             options.setdefault("Strategy", "celery_gpu.strategy:guarded")
             options.setdefault("gpu_default_serializer", "serializer" not in options)
             options["base"] = with_mixin(options.get("base") or self.app.Task)
             if batch is None:
-                return self.app.task(f, gpu=True, gpu_memory=gpu_memory, **options)
+                return self.app.task(f, gpu=True, gpu_memory=gpu_memory, gpu_memory_auto=auto, **options)
             bind = bool(options.pop("bind", False))
             batch_options = BatchOptions(int(batch), float(max_wait_ms) / 1000.0, f, bind)
             return self.app.task(item_runner(f, bind), bind=True, gpu=True, gpu_memory=gpu_memory,
-                                 gpu_batch=batch_options, **options)
+                                 gpu_memory_auto=auto, gpu_batch=batch_options, **options)
 
         return decorate(fn) if fn is not None else decorate
 

@@ -76,9 +76,14 @@ class Batcher:
                 yield name, q[0], len(q)
 
     def take(self, name: str, n: int) -> list[Job]:
-        """Remove and return up to ``n`` of the oldest items of ``name``."""
+        """Remove and return up to ``n`` of the oldest items of ``name``; an isolated item leaves alone."""
         q = self.queues[name]
-        return [q.popleft() for _ in range(min(n, len(q)))]
+        if q and q[0].isolate:
+            return [q.popleft()]
+        taken: list[Job] = []
+        while q and len(taken) < n and not q[0].isolate:
+            taken.append(q.popleft())
+        return taken
 
     def put_back(self, jobs: list[Job]) -> None:
         """Return unsent items to the front of their queue, in their order."""

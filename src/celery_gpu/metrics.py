@@ -24,6 +24,8 @@ celery_gpu_tasks_total                     counter    host, device,        Tasks
                                                       outcome              (outcome: succeeded|failed)
 celery_gpu_process_restarts_total          counter    host, device, slot   Restarts of the slot's process
 celery_gpu_oom_splits_total                counter    host, device         Batches split after running out of memory
+celery_gpu_task_reruns_total               counter    host, device         Tasks run again after their process died
+celery_gpu_leak_recycles_total             counter    host, device         Processes replaced for holding too much
 celery_gpu_pending_tasks                   gauge      host                 Tasks and batch items waiting in the pool
 celery_gpu_batch_waiting_items             gauge      host, task           Items waiting for a batch
 celery_gpu_batches_total                   counter    host, task           Batches run
@@ -190,6 +192,11 @@ class _Families:
             self.add("counter", "celery_gpu_tasks_total", tasks_doc, {**labels, "outcome": outcome}, counters[outcome])
         oom_doc = "Batches split after the device ran out of memory."
         self.add("counter", "celery_gpu_oom_splits_total", oom_doc, labels, counters["oom_splits"])
+        self.add("counter", "celery_gpu_task_reruns_total", "Tasks queued again after their device process died.",
+                 labels, counters.get("reruns", 0))
+        self.add("counter", "celery_gpu_leak_recycles_total",
+                 "Device processes replaced for holding more device memory than gpu_recycle_memory.", labels,
+                 counters.get("leak_recycles", 0))
         for slot in dev["slots"]:
             slot_labels = {**labels, "slot": str(slot["slot"])}
             up = slot["pid"] is not None and slot["state"] not in _SLOT_DOWN

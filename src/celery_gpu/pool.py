@@ -21,12 +21,13 @@ from typing import Any
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.concurrency.base import BasePool
 
-from . import claimcheck
+from . import claimcheck, deadletter
+from .admission import MemoryBook
 from .batch import BatchOptions
 from .batcher import Batch, Batcher
 from .control import register_pool, unregister_pool
 from .devices import Device, discover
-from .errors import FrameError, InsufficientDeviceMemory
+from .errors import FrameError, InsufficientDeviceMemory, TaskCrashedDevice
 from .failures import rebuild_einfo, rebuild_exception
 from .frames import Channel
 from .imports import locate_app
@@ -79,6 +80,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.published: dict[str, Any] | None = None  # the latest status(), for readers on other threads
         self._publish_at = 0.0
         self._exporter: Any = None
+        self._book = MemoryBook()
 
     # -- Celery's pool API ------------------------------------------------------------------------------
 
@@ -136,7 +138,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             options.get("callback"), options.get("accept_callback"), options.get("error_callback"),
             options.get("timeout_callback"),
             options.get("soft_timeout") or self._default_soft, options.get("timeout") or self._default_hard,
-            opts if isinstance(opts, BatchOptions) else None,
+            opts if isinstance(opts, BatchOptions) else None, bool(getattr(task, "gpu_memory_auto", False)),
         )
         assert self._loop is not None, "apply_async before the pool started"
         self._loop.run(self._submit, job)
@@ -250,6 +252,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         return {
             "hostname": self._hostname, "timestamp": time.time(), "pending": len(self._pending) + len(self._batcher),
             "devices": devices, "batching": self._batching_info(), "histograms": self.telemetry.histograms(),
+            "memory": self._book.info(),
         }
 
     def _get_info(self) -> dict[str, Any]:
@@ -260,6 +263,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             "pending": len(self._pending) + len(self._batcher),
             "batching": self._batching_info(),
             "devices": [self._device_info(d) for d in self.devices],
+            "memory": self._book.info(),
         })
         return info
 
@@ -304,19 +308,19 @@ class GPUPool(BasePool):  # type: ignore[misc]
         now = time.monotonic()
         best: tuple[float, Slot, Job | str] | None = None
         for job in self._pending:  # the first plain task that fits (one that does not fit yet may be skipped)
-            slot = self._place(job.memory, idle)
+            slot = self._place(self._need(job), idle, job.avoid)
             if slot is not None:
                 best = (job.arrived, slot, job)
                 break
         busy = any(s.state == "busy" for s in self.slots)
         for name, head, waiting in self._batcher.heads():
             assert head.batch is not None
-            if busy and waiting < head.batch.size and now - head.arrived < head.batch.max_wait:
+            if busy and not head.isolate and waiting < head.batch.size and now - head.arrived < head.batch.max_wait:
                 self._wake_at(head.arrived + head.batch.max_wait)
                 continue
             if best is not None and best[0] <= head.arrived:
                 continue
-            slot = self._place(head.memory, idle)
+            slot = self._place(self._need(head), idle, head.avoid)
             if slot is not None:
                 best = (head.arrived, slot, name)
         if best is None:
@@ -327,7 +331,17 @@ class GPUPool(BasePool):  # type: ignore[misc]
             return slot, [what], False
         head = self._batcher.queues[what][0]
         assert head.batch is not None
-        return slot, self._batcher.take(what, head.batch.size), True
+        jobs = self._batcher.take(what, self._book.cap(what, slot.device.label, head.batch.size))
+        for job in jobs:
+            job.memory = head.memory  # one task: one declaration (learned ones may have changed meanwhile)
+        return slot, jobs, True
+
+    def _need(self, job: Job) -> int:
+        """Device memory ``job`` reserves now: declared, or for ``memory="auto"`` what has been learned."""
+        if job.auto:
+            live = [d.total_memory for d in self.devices if d.label not in self._failed] or [0]
+            job.memory = self._book.reserve(job.name, job.batch.size if job.batch else None, max(live))
+        return job.memory
 
     def _wake_at(self, when: float) -> None:
         """Run the dispatcher again at ``when`` (a held batch's deadline)."""
@@ -342,13 +356,15 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._timer_at = None
         self._dispatch()
 
-    def _place(self, memory: int, idle: list[Slot]) -> Slot | None:
-        """Among idle slots whose device has ``memory`` free: the device with the most free memory, then the
-        slot idle the longest (so work spreads over devices and processes)."""
+    def _place(self, memory: int, idle: list[Slot], avoid: set[str] | None = None) -> Slot | None:
+        """Among idle slots whose device has ``memory`` free: one not in ``avoid`` (slots a task already died
+        in), then the device with the most free memory, then the slot idle the longest (so work spreads over
+        devices and processes)."""
         fits = [s for s in idle if s.device.total_memory - self._reserved[s.device.label] >= memory]
         if not fits:
             return None
-        return max(fits, key=lambda s: (s.device.total_memory - self._reserved[s.device.label], -s.idle_since))
+        return max(fits, key=lambda s: (s.label not in (avoid or ()),
+                                        s.device.total_memory - self._reserved[s.device.label], -s.idle_since))
 
     def _start(self, slot: Slot, jobs: list[Job], batched: bool) -> bool:
         live = []
@@ -382,8 +398,13 @@ class GPUPool(BasePool):  # type: ignore[misc]
         for job in live:
             job.slot, job.started = slot, work.started
             self.telemetry.started(slot.device.label, work.started - job.arrived)
-            if job.accept_callback is not None:
+            if job.accept_callback is not None and not job.accepted:  # once: not again when it runs again
+                job.accepted = True
                 call_safely(job.accept_callback, slot.pid, work.started)
+            else:  # run again: `inspect active` and revoke(terminate=True) must find its new process
+                request = getattr(job.accept_callback, "__self__", None)
+                if request is not None and hasattr(request, "worker_pid"):
+                    request.worker_pid = slot.pid
         if batched:
             self.telemetry.batch(work.name, len(live))
             stats = self._batch_stats.setdefault(work.name, [0, 0, 0])
@@ -444,12 +465,21 @@ class GPUPool(BasePool):  # type: ignore[misc]
                 slot.kill()
             self._on_exit(slot)
             return
+        slot.last_seen = time.monotonic()
         kind = msg.get("t")
+        if kind == "hb":
+            return
         if kind in ("done", "batch_done"):
             self._on_done(slot, msg)
+        elif kind == "poisoned":  # it exits right after this frame: its exit re-runs what it was running
+            slot.death = f"sticky CUDA error: {msg.get('error')}"
+            logger.error("celery-gpu: %s (pid %s) hit a sticky CUDA error and is replaced; nothing it computed "
+                         "after the error is reported: %s\n%s", slot.label, slot.pid, msg.get("error"),
+                         msg.get("traceback", ""))
         elif kind == "ready":
             slot.state, slot.pid, slot.start_failures = "idle", int(msg["pid"]), 0
             slot.idle_since = time.monotonic()
+            slot.mem = int(msg.get("mem") or 0)
             logger.info("celery-gpu: %s ready, pid %s (setup %.2fs)", slot.label, slot.pid, msg.get("setup_s", 0))
             self._dispatch()
         elif kind == "setup_failed":
@@ -463,8 +493,18 @@ class GPUPool(BasePool):  # type: ignore[misc]
         ran = len(work.jobs) if work is not None else 1  # a batch counts as its items (--max-tasks-per-child)
         slot.tasks_done += ran
         slot.process_tasks += ran
+        slot.crashes = 0
+        slot.mem = int(msg.get("mem") or 0)
+        if work is not None:
+            self._learn(slot, work, msg)
+        limit = self.settings.recycle_memory
         if slot.state == "busy":
-            if slot.recycle_due or (self._max_tasks and slot.process_tasks >= self._max_tasks):
+            if limit and slot.mem > limit:
+                logger.warning("celery-gpu: %s (pid %s) holds %d bytes of device memory after %d tasks (limit %d): "
+                               "replacing it", slot.label, slot.pid, slot.mem, slot.process_tasks, limit)
+                self.telemetry.leak_recycles[slot.device.label] += 1
+                self._recycle(slot)
+            elif slot.recycle_due or (self._max_tasks and slot.process_tasks >= self._max_tasks):
                 self._recycle(slot)
             else:
                 slot.state, slot.idle_since = "idle", time.monotonic()
@@ -480,6 +520,20 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._batch_stats.setdefault(work.name, [0, 0, 0])[2] += int(msg.get("calls") or 0)
         for job, outcome in zip(work.jobs, outcomes, strict=True):
             self._report(job, outcome if isinstance(outcome, dict) else {})
+
+    def _learn(self, slot: Slot, work: Job | Batch, msg: dict[str, Any]) -> None:
+        """Take in what a device process measured: out-of-memory splits, the batch size that fit, peaks."""
+        device = slot.device.label
+        splits = int(msg.get("oom_splits") or 0)
+        if splits:
+            self.telemetry.oom_splits[device] += splits
+        fit = int(msg.get("fit") or 0)
+        if isinstance(work, Batch) and fit:
+            logger.warning("celery-gpu: %s ran out of memory on %s with %d items; batches of %s there hold at "
+                           "most %d items from now on", work.name, device, len(work.jobs), work.name, fit)
+            self._book.fit(work.name, device, fit)
+        if work.jobs[0].auto:
+            self._book.learn(work.name, msg.get("peak_per_item") if isinstance(work, Batch) else msg.get("peak"))
 
     def _report(self, job: Job, outcome: dict[str, Any]) -> None:
         """Tell Celery how one task ended (its request acks, sends events, logs)."""
@@ -514,26 +568,63 @@ class GPUPool(BasePool):  # type: ignore[misc]
         was = slot.state
         code = slot.reap()
         work = self._release(slot)
+        death = slot.death or exit_status(code)
+        again: list[Job] = []
         for job in work.jobs if work is not None else []:
-            self.telemetry.ended(slot.device.label, True, None)
-            if job.error_callback is None:
-                continue
             if job.terminated is not None:
-                exc: BaseException = Terminated(-job.terminated)
-            else:
-                exc = WorkerLostError(f"Worker exited prematurely: {exit_status(code)} Job: {job.seq}.")
-            call_safely(job.error_callback, rebuild_einfo(exc))
+                self.telemetry.ended(slot.device.label, True, None)
+                if job.error_callback is not None:
+                    call_safely(job.error_callback, rebuild_einfo(Terminated(-job.terminated)))
+            elif self._closing:  # shutting down: no process left to run it again
+                self.telemetry.ended(slot.device.label, True, None)
+                if job.error_callback is not None:
+                    call_safely(job.error_callback, rebuild_einfo(
+                        WorkerLostError(f"Worker exited prematurely: {death} Job: {job.seq}.")))
+            elif self._run_again(job, slot, death):
+                again.append(job)
+        plain = [job for job in again if job.batch is None]
+        self._pending.extendleft(reversed(plain))
+        self._batcher.put_back([job for job in again if job.batch is not None])  # first in line, in order
         if self._closing or was == "failed" or slot.device.label in self._failed:
             slot.state = "failed" if slot.device.label in self._failed else "stopped"
             return
         if was == "recycling" and work is None:
             logger.info("celery-gpu: %s (pid %s) replaced after %d tasks", slot.label, slot.pid, slot.process_tasks)
         else:
-            logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, exit_status(code),
+            logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, death,
                            f" while running {work.name}[{work.task_id}]" if work else "")
+            slot.crashes += 1
         if was != "starting":
             self.telemetry.restarted(slot.device.label, slot.index)
         self._schedule_respawn(slot, failed_start=was == "starting")
+        self._dispatch()  # what it was running may go to another idle process now
+
+    def _run_again(self, job: Job, slot: Slot, death: str) -> bool:
+        """A task's device process died under it: True to queue it again (alone, elsewhere), or, after
+        ``max_attempts`` runs, fail it with :class:`TaskCrashedDevice` (and dead-letter it) and say False."""
+        job.deaths.append(f"{slot.label} pid {slot.pid}: {death}")
+        job.avoid.add(slot.label)
+        limit = self.settings.max_attempts
+        if job.attempts >= limit:
+            self.telemetry.ended(slot.device.label, True, None)
+            reason = (f"{job.name}[{job.task_id}] was running in a device process that died on each of its "
+                      f"{job.attempts} attempt(s) (limit gpu_max_attempts={limit}): {'; '.join(job.deaths)}")
+            logger.error("celery-gpu: %s; it is not run again", reason)
+            queue = self.settings.dead_letter_queue
+            if queue:
+                deadletter.publish(self.app, queue, job.task_id, job.request, job.body, job.content_type,
+                                   job.content_encoding, reason, job.attempts)
+            if job.error_callback is not None:
+                call_safely(job.error_callback, rebuild_einfo(TaskCrashedDevice(reason)))
+            return False
+        job.attempts += 1
+        job.isolate = True
+        job.finished = job.soft_sent = False
+        job.slot = None
+        self.telemetry.reruns[slot.device.label] += 1
+        logger.warning("celery-gpu: running %s[%s] again, alone (attempt %d of %d), after its process died: %s",
+                       job.name, job.task_id, job.attempts, limit, death)
+        return True
 
     def _schedule_respawn(self, slot: Slot, failed_start: bool) -> None:
         if failed_start:
@@ -541,9 +632,12 @@ class GPUPool(BasePool):  # type: ignore[misc]
             if slot.start_failures >= self.settings.start_attempts:
                 self._fail_device(slot.device, f"{slot.start_failures} failed starts in a row")
                 return
+            delay = min(30.0, 2.0 ** (slot.start_failures - 1))
+        else:  # a death: the first at once, then backing off while they keep coming with no task done between
+            delay = 0.0 if slot.crashes <= 1 else min(30.0, 0.5 * 2.0 ** (slot.crashes - 2))
         slot.state = "down"
-        slot.respawn_at = time.monotonic() + (min(30.0, 2.0 ** (slot.start_failures - 1)) if failed_start else 0)
-        if not failed_start:
+        slot.respawn_at = time.monotonic() + delay
+        if not delay:
             self._spawn(slot)
 
     def _fail_device(self, device: Device, reason: str) -> None:
@@ -590,11 +684,24 @@ class GPUPool(BasePool):  # type: ignore[misc]
                     self._hard_timeout(slot, work)
             if slot.state == "down" and now >= slot.respawn_at and not self._closing:
                 self._spawn(slot)
+            elif slot.state in ("idle", "busy") and self._silent(slot, now):
+                silent = now - slot.last_seen
+                slot.death = f"no heartbeat for {silent:.0f}s (frozen: stuck in native code, or stopped)"
+                logger.error("celery-gpu: %s (pid %s) sent no heartbeat for %.0fs: killing it", slot.label,
+                             slot.pid, silent)
+                slot.last_seen = now
+                slot.kill(signal.SIGKILL)
             elif slot.proc is not None and slot.proc.poll() is not None and slot.chan is not None:
                 # Exited without closing its pipe (a grandchild may hold it): read what it sent, then reap it.
                 self._drain(lambda s=slot: s.chan is not None and _readable(s.chan.fileno()), slots=[slot])
                 if slot.chan is not None:
                     self._on_exit(slot)
+
+    def _silent(self, slot: Slot, now: float) -> bool:
+        """Whether a started process's heartbeats have lapsed (and nothing of it waits unread on the pipe)."""
+        limit = self.settings.heartbeat_timeout
+        return bool(limit and now - slot.last_seen > limit and slot.chan is not None
+                    and not _readable(slot.chan.fileno()))
 
     def _hard_timeout(self, slot: Slot, work: Job | Batch) -> None:
         # As billiard's prefork: fail the task with TimeLimitExceeded, tell the request, kill the process.

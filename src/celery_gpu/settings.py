@@ -15,6 +15,10 @@ metrics_port          ``gpu_metrics_port``         ``CELERY_GPU_METRICS_PORT``  
 metrics_addr          ``gpu_metrics_addr``         ``CELERY_GPU_METRICS_ADDR``      ``0.0.0.0``
 claim_threshold       ``gpu_claim_threshold``      ``CELERY_GPU_CLAIM_THRESHOLD``   1 MiB (0: off)
 claim_ttl             ``gpu_claim_ttl``            ``CELERY_GPU_CLAIM_TTL``         ``86400``
+max_attempts          ``gpu_max_attempts``         ``CELERY_GPU_MAX_ATTEMPTS``      ``3``
+dead_letter_queue     ``gpu_dead_letter_queue``    ``CELERY_GPU_DEAD_LETTER_QUEUE`` (none)
+heartbeat_timeout     ``gpu_heartbeat_timeout``    ``CELERY_GPU_HEARTBEAT_TIMEOUT`` ``60`` (0: off)
+recycle_memory        ``gpu_recycle_memory``       ``CELERY_GPU_RECYCLE_MEMORY``    ``0`` (off)
 ====================  ===========================  ===============================  =========
 """
 
@@ -47,6 +51,13 @@ class Settings:
         claim_threshold: arrays-serializer payloads this large or larger are stored out of band (the result
             backend's Redis, else a private directory) and the message carries a reference; 0 turns it off.
         claim_ttl: seconds a stored payload is kept when no task consumes it.
+        max_attempts: runs of a task whose device process dies under it (crash, sticky CUDA error, frozen)
+            before it fails with ``TaskCrashedDevice``; the first run counts.
+        dead_letter_queue: queue that such a task's message is published to when it fails so ("": none).
+        heartbeat_timeout: seconds of silence after which a device process counts as frozen and is killed
+            (its tasks run again elsewhere); 0 turns the watchdog off. Task time limits act on their own.
+        recycle_memory: a device process holding more device memory than this after a task is replaced
+            (leaks); 0 turns it off. ``--max-tasks-per-child`` recycles after N tasks.
     """
 
     devices: str = "all"
@@ -59,6 +70,10 @@ class Settings:
     metrics_addr: str = "0.0.0.0"
     claim_threshold: int = 1024 * 1024
     claim_ttl: float = 24 * 3600.0
+    max_attempts: int = 3
+    dead_letter_queue: str = ""
+    heartbeat_timeout: float = 60.0
+    recycle_memory: int = 0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -67,6 +82,10 @@ class Settings:
             raise ValueError(f"start_attempts must be >= 1, got {self.start_attempts}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.heartbeat_timeout < 0:
+            raise ValueError(f"heartbeat_timeout must be >= 0, got {self.heartbeat_timeout}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
 
@@ -81,7 +100,7 @@ class Settings:
                 raw = conf.get(f"gpu_{f.name}")
             if raw is None:
                 continue
-            if f.name in ("max_frame", "claim_threshold"):
+            if f.name in ("max_frame", "claim_threshold", "recycle_memory"):
                 values[f.name] = parse_memory(raw)
             elif f.type in ("int", int):
                 values[f.name] = int(raw)

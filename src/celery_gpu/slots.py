@@ -43,6 +43,7 @@ class Job:
         soft: float | None,
         hard: float | None,
         batch: BatchOptions | None = None,
+        auto: bool = False,
     ) -> None:
         self.seq = seq
         self.name, self.task_id, self.request, self.body, self.content_type, self.content_encoding = args
@@ -61,6 +62,12 @@ class Job:
         self.cancel_sent = False  # the device process was told not to trace it (terminated inside a batch)
         self.batch = batch  # set for an item of a batched task
         self.arrived = time.monotonic()
+        self.auto = auto  # memory="auto": ``memory`` is set from what the pool learned, before each placement
+        self.accepted = False  # Celery's accept callback ran (once, even when the task runs again)
+        self.attempts = 1  # runs so far, this one included
+        self.deaths: list[str] = []  # why the device processes it ran in died
+        self.isolate = False  # run it alone: a process died while it was in flight (it may be the cause)
+        self.avoid: set[str] = set()  # slots it died in: placed elsewhere when there is a choice
 
     @property
     def jobs(self) -> list[Job]:
@@ -106,6 +113,10 @@ class Slot:
         self.recycle_due = False  # replace the process once its current task is done (pool_restart)
         self.idle_since = 0.0
         self.setup_error: str | None = None
+        self.crashes = 0  # deaths in a row without a task completed in between (respawn backoff)
+        self.last_seen = 0.0  # when its last frame (heartbeats included) arrived
+        self.death: str | None = None  # why it is dying, when known before it exits (sticky error, frozen)
+        self.mem = 0  # device memory it held after its last task
 
     @property
     def label(self) -> str:
@@ -142,6 +153,8 @@ class Slot:
         self.chan = Channel(ours, max_frame)
         self.state = "starting"
         self.setup_error = None
+        self.death = None
+        self.last_seen = time.monotonic()
         self.process_tasks = 0
         self.recycle_due = False
 
@@ -172,7 +185,7 @@ class Slot:
         return {
             "slot": self.index, "pid": self.pid if self.proc is not None else None, "state": self.state,
             "task": self.job.task_id if self.job is not None else None, "tasks_done": self.tasks_done,
-            "cuda_visible_devices": self.device.cuda_visible_devices,
+            "cuda_visible_devices": self.device.cuda_visible_devices, "memory_in_use": self.mem,
             **({"setup_error": self.setup_error} if self.setup_error else {}),
         }
 

@@ -50,6 +50,8 @@ class Telemetry:
         self.failed: dict[str, int] = defaultdict(int)
         self.restarts: dict[tuple[str, int], int] = defaultdict(int)
         self.oom_splits: dict[str, int] = defaultdict(int)
+        self.reruns: dict[str, int] = defaultdict(int)  # tasks queued again after their process died
+        self.leak_recycles: dict[str, int] = defaultdict(int)  # processes replaced for holding too much memory
         self.queue_wait: dict[str, Histogram] = {}
         self.run_time: dict[str, Histogram] = {}
         self.batch_size: dict[str, Histogram] = {}
@@ -76,7 +78,8 @@ class Telemetry:
         return {
             "succeeded": self.succeeded[device], "failed": self.failed[device],
             "restarts": sum(n for (d, _), n in self.restarts.items() if d == device),
-            "oom_splits": self.oom_splits[device],
+            "oom_splits": self.oom_splits[device], "reruns": self.reruns[device],
+            "leak_recycles": self.leak_recycles[device],
         }
 
     def histograms(self) -> dict[str, dict[str, Any]]:

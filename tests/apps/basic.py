@@ -132,7 +132,7 @@ def flaky(self: Any, marker: str, fail_times: int) -> int:
 
 @gpu.task(reject_on_worker_lost=True)
 def die_once(marker: str) -> int:
-    """SIGKILLs its own process the first time; acks_late + reject_on_worker_lost redeliver it."""
+    """SIGKILLs its own process the first time; the pool runs it again in another process."""
     if not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)

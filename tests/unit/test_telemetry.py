@@ -31,7 +31,10 @@ def test_telemetry_counts_per_device_and_task() -> None:
     t.restarted("fake:0", 1)
     t.restarted("fake:0", 1)
     t.batch("proj.embed", 64)
-    assert t.counters("fake:0") == {"succeeded": 1, "failed": 1, "restarts": 2, "oom_splits": 0}
+    t.reruns["fake:0"] += 3
+    t.leak_recycles["fake:0"] += 1
+    assert t.counters("fake:0") == {"succeeded": 1, "failed": 1, "restarts": 2, "oom_splits": 0, "reruns": 3,
+                                    "leak_recycles": 1}
     assert t.counters("fake:1")["succeeded"] == 1
     hist = t.histograms()
     assert hist["queue_wait_seconds"]["fake:0"]["count"] == 1
