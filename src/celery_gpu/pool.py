@@ -593,7 +593,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         else:
             logger.warning("celery-gpu: %s (pid %s) exited with %s%s", slot.label, slot.pid, death,
                            f" while running {work.name}[{work.task_id}]" if work else "")
-            slot.crashes += 1
+            slot.crashes += was != "starting"  # failed starts back off on their own count
         if was != "starting":
             self.telemetry.restarted(slot.device.label, slot.index)
         self._schedule_respawn(slot, failed_start=was == "starting")
