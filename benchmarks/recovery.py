@@ -12,7 +12,8 @@ named) and compares against a baseline in the same run:
 * ``hang``: a call that hangs with signals ignored and the GIL held, under a 1 s hard time limit: time to
   ``TimeLimitExceeded`` minus 1 s.
 * ``frozen``: the same hang without a time limit, ``gpu_heartbeat_timeout=2``: time until the task's result
-  (run again on the other device) minus the 2 s timeout.
+  (run again on the other device) minus the 2 s timeout (it can be below 0: the silence is counted from the
+  process's last heartbeat, which came up to 1 s before the hang began).
 * ``poison``: one item that kills every process it runs in, in a batch of 16: time until it fails with
   ``TaskCrashedDevice`` (three runs) and until its 15 batch-mates succeed.
 
