@@ -184,11 +184,13 @@ class Worker:
 
 
 @contextlib.contextmanager
-def celery_worker(module: str, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Iterator[Worker]:
-    """Start ``celery -A module worker`` (cwd = repo root); always stop it on the way out."""
+def celery_worker(module: str, name: str, args: list[str], env: dict[str, str], log_dir: Path,
+                  python: str = sys.executable) -> Iterator[Worker]:
+    """Start ``python -m celery -A module worker`` (cwd = repo root; ``python`` is this interpreter unless given,
+    e.g. another virtualenv's); always stop it on the way out."""
     hostname = f"{name}@{socket.gethostname()}"
     log_path = log_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", "celery", "-A", module, "worker", "--hostname", hostname, "--loglevel", "WARNING",
+    cmd = [python, "-m", "celery", "-A", module, "worker", "--hostname", hostname, "--loglevel", "WARNING",
            "--without-gossip", "--without-mingle", "--without-heartbeat", *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
