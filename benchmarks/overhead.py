@@ -352,6 +352,15 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
+def emit(summary: dict[str, Any], out: Path | None) -> None:
+    """Print the benchmark's final JSON line (the last line of its output), and write it to ``out`` too."""
+    line = json.dumps(summary)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
+    print(line)
+
+
 def machine() -> dict[str, Any]:
     def version(dist: str) -> str | None:
         try:
@@ -494,11 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     summary = report(results, sizes, broker, args.quick, command)
     print(f"total time: {time.monotonic() - started:.1f}s")
-    line = json.dumps(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(summary, args.out)
     return 0
 
 

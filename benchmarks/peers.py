@@ -1130,11 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: src/celery_gpu changed while this ran: the figures mix two versions", file=sys.stderr)
     summary["total_s"] = round(time.monotonic() - started, 1)
     print(f"total time: {summary['total_s']:.1f}s")
-    line = json.dumps(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    overhead.emit(summary, args.out)
     return 0
 
 

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.overhead import Worker, celery_worker, child_env, machine, redact  # noqa: E402
+from benchmarks.overhead import Worker, celery_worker, child_env, emit, machine, redact  # noqa: E402
 
 APP = "benchmarks._recovery_app"
 
@@ -253,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"benchmark": "recovery", "quick": args.quick, "broker": broker, "machine": machine(),
                "command": shlex.join(["python", "benchmarks/recovery.py", *shown]),
                "seconds": round(time.monotonic() - started, 1), **results}
-    line = json.dumps(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(summary, args.out)
     return 0
 
 

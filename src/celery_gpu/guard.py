@@ -79,26 +79,20 @@ def guard_run(task: Any) -> None:
 
     @functools.wraps(run)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            faults.on_call(1)
-            return run(*args, **kwargs)
-        except Exception as exc:
-            kind = classify(exc)
-            if kind == "sticky":
-                poisoned(exc)
-            if kind != "oom":
-                raise
-        devmem.free_cached()  # outside the except block: the traceback no longer pins the failed frames
-        try:
-            faults.on_call(1)
-            return run(*args, **kwargs)
-        except Exception as exc:
-            kind = classify(exc)
-            if kind == "sticky":
-                poisoned(exc)
-            if kind == "oom":
-                raise out_of_memory(task.name, exc) from exc
-            raise
+        for attempt in (1, 2):  # the second only after an out-of-memory error, with the cache freed
+            try:
+                faults.on_call(1)
+                return run(*args, **kwargs)
+            except Exception as exc:
+                kind = classify(exc)
+                if kind == "sticky":
+                    poisoned(exc)
+                if kind != "oom":
+                    raise
+                if attempt == 2:
+                    raise out_of_memory(task.name, exc) from exc
+            devmem.free_cached()  # outside the except block: the traceback no longer pins the failed frames
+        raise AssertionError("unreachable")
 
     task.run = guarded
     task._gpu_guarded = True
