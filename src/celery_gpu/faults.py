@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from .devices import parse_memory
 from .errors import FaultSpecError
 
-__all__ = ["FAULTS_ENV", "Faults", "FakeCudaError", "OutOfMemoryError", "active", "on_call", "memory", "peak"]
+__all__ = ["FAULTS_ENV", "Faults", "FakeCudaError", "OutOfMemoryError", "active", "on_call", "memory", "peak", "hang"]
 
 #: Environment variable holding the fault spec of a worker's fake devices.
 FAULTS_ENV = "CELERY_GPU_FAULTS"
@@ -123,7 +123,7 @@ def on_call(items: int) -> None:
     if f.crash_after is not None and n >= f.crash_after:
         _crash(f.crash)
     if f.hang_after is not None and n >= f.hang_after:
-        _hang()
+        hang()
     if f.oom_above is not None and items > f.oom_above:
         wanted = items * (f.peak or 1024**2)
         raise OutOfMemoryError(
@@ -150,7 +150,8 @@ def _crash(how: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _hang() -> None:
+def hang() -> None:
+    """Hang this process for good, as a kernel that never returns (for tests: a task may call it itself)."""
     # As a kernel that never returns, in a process that ignores signals: every catchable signal ignored and
     # blocked, and the GIL held (no other thread of this process runs Python).
     catchable = set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP}

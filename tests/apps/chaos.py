@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_gpu import GPU
+from celery_gpu import GPU, faults
 
 app = Celery("chaos")
 app.conf.update(
@@ -61,6 +61,17 @@ def single(self: Any, x: Any, pause: float = 0.0) -> dict[str, Any]:
     call = _ledger([self.request.id])
     time.sleep(pause)
     return {"item": x, "pid": os.getpid(), "call": call}
+
+
+@gpu.task(bind=True)
+def hang_once(self: Any, marker: str) -> dict[str, Any]:
+    """The first run (no ``marker`` file yet) hangs for good, signals ignored and the GIL held; later runs return."""
+    call = _ledger([self.request.id])
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        faults.hang()
+    return {"pid": os.getpid(), "call": call}
 
 
 @gpu.task(bind=True, memory="auto")

@@ -171,10 +171,11 @@ def test_a_plain_task_hit_by_a_sticky_error_runs_again_elsewhere(redis_broker: B
     w = start(redis_broker, tmp_path, devices="fake:2", faults="sticky_after=0,on=0")
     try:
         single = task(w, "single")
-        values = [outcome(single.delay(i)) for i in range(4)]
-        assert [v["item"] for v in values] == list(range(4)), w.log()[-3000:]
+        values = [outcome(single.delay(i)) for i in range(6)]  # placement alternates: some land on fake:0
+        assert [v["item"] for v in values] == list(range(6)), w.log()[-3000:]
         clean = {pid for label, pid in slot_pids(w).items() if label.startswith("fake:1")}
         assert all(v["pid"] in clean for v in values)
+        assert "sticky CUDA error" in w.log()
     finally:
         assert w.stop() == 0, w.log()
 
@@ -182,19 +183,20 @@ def test_a_plain_task_hit_by_a_sticky_error_runs_again_elsewhere(redis_broker: B
 def test_hang_with_signals_masked_is_killed_within_the_limit(rabbit_broker: Broker, tmp_path: Path) -> None:
     """A call that hangs with every signal ignored, the GIL held: killed at its hard limit; meanwhile the other
     device keeps working and the worker's broker heartbeats (2 s) never lapse."""
-    w = start(rabbit_broker, tmp_path, devices="fake:2", faults="hang_after=0,on=0",
-              env={"TEST_BROKER_HEARTBEAT": "2"})
+    w = start(rabbit_broker, tmp_path, devices="fake:2", env={"TEST_BROKER_HEARTBEAT": "2"})
     try:
-        single = task(w, "single")
+        single, hang_once = task(w, "single"), task(w, "hang_once")
         limit = 5.0
+        marker = tmp_path / "hung"
         started = time.monotonic()
-        hung = single.apply_async((0,), time_limit=limit)
-        assert wait_until(lambda: len(ledger(w)) >= 1 or hung.ready(), 10)
+        hung = hang_once.apply_async((str(marker),), time_limit=limit)
+        assert wait_until(marker.exists, 10), w.log()
         others = [outcome(single.delay(i)) for i in range(1, 4)]  # the other device, during the hang
         assert [o["item"] for o in others] == [1, 2, 3]
         assert isinstance(outcome(hung, timeout=30), TimeLimitExceeded)
         took = time.monotonic() - started
         assert took < limit + 3, took
+        assert wait_until(lambda: not alive(int(marker.read_text())), 5), "the hung process was killed"
         assert "Connection to broker lost" not in w.log()
         assert outcome(single.delay(9))["item"] == 9
     finally:
@@ -203,15 +205,17 @@ def test_hang_with_signals_masked_is_killed_within_the_limit(rabbit_broker: Brok
 
 def test_a_frozen_process_without_a_time_limit_is_killed_by_the_heartbeat_watchdog(redis_broker: Broker,
                                                                                    tmp_path: Path) -> None:
-    w = start(redis_broker, tmp_path, devices="fake:2", faults="hang_after=0,on=0",
-              env={"CELERY_GPU_HEARTBEAT_TIMEOUT": "2"})
+    w = start(redis_broker, tmp_path, devices="fake:2", env={"CELERY_GPU_HEARTBEAT_TIMEOUT": "2"})
     try:
-        pids = slot_pids(w)
-        single = task(w, "single")
-        values = [outcome(single.delay(i), timeout=60) for i in range(4)]
-        assert [v["item"] for v in values] == list(range(4)), w.log()[-3000:]
+        marker = tmp_path / "frozen"
+        started = time.monotonic()
+        value = outcome(task(w, "hang_once").delay(str(marker)), timeout=60)
+        frozen = int(marker.read_text())
+        assert isinstance(value, dict) and value["pid"] != frozen, w.log()[-3000:]
+        assert time.monotonic() - started < 2 + 10
         assert "sent no heartbeat" in w.log()
-        assert wait_until(lambda: slot_pids(w).get("fake:0#0") not in (None, pids["fake:0#0"]), 20)
+        assert [e["pid"] for e in ledger(w)] == [frozen, value["pid"]], "ran again once, in another process"
+        assert wait_until(lambda: not alive(frozen), 10)
     finally:
         assert w.stop() == 0, w.log()
 
