@@ -27,7 +27,6 @@ from datetime import datetime
 from typing import Any
 
 from . import devmem, faults, guard
-from .classify import classify
 from .errors import BatchArgumentError, BatchResultMismatch
 
 __all__ = ["RetryItem", "BatchOptions", "item_runner", "call_batch", "item_of", "outcomes"]
@@ -105,7 +104,7 @@ def call_batch(
     the good items still succeed and only the failing ones carry the exception: at most ``2n - 1`` calls.
     Out of memory is split the same way, after the allocator cache is freed; a single item that still does
     not fit is tried once more, then fails with :class:`~celery_gpu.errors.DeviceOutOfMemory`. A sticky CUDA
-    error ends the device process (``guard.poisoned``): nothing computed there is reported. A soft time limit
+    error ends the device process (``guard.triage``): nothing computed there is reported. A soft time limit
     is not split: every item gets it. A result count that differs from the item count fails every item of
     that call with :class:`BatchResultMismatch`.
     """
@@ -123,9 +122,7 @@ def call_batch(
     except SoftTimeLimitExceeded as exc:
         return [exc] * len(items)
     except Exception as exc:
-        kind = classify(exc)
-        if kind == "sticky":
-            guard.poisoned(exc)  # in a device process: does not return
+        kind = guard.triage(exc)  # a sticky error: in a device process, does not return
         if kind != "oom" and len(items) == 1:
             return [exc]
         if kind == "oom" and len(items) == 1 and _oom:  # alone, with a freed cache, twice: it does not fit

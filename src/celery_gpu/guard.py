@@ -17,10 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import devmem, faults
-from .classify import classify, requested_bytes
+from .classify import FailureKind, classify, requested_bytes
 from .errors import DeviceOutOfMemory
 
-__all__ = ["install", "poisoned", "guard_run", "out_of_memory", "oom_stats"]
+__all__ = ["install", "triage", "guard_run", "out_of_memory", "oom_stats"]
 
 _on_sticky: Callable[[str, str], None] | None = None
 #: Out-of-memory recoveries in this process since the last :func:`oom_stats` read: ``[splits, fit]``.
@@ -33,11 +33,14 @@ def install(on_sticky: Callable[[str, str], None]) -> None:
     _on_sticky = on_sticky
 
 
-def poisoned(exc: BaseException) -> None:
-    """React to a sticky error: in a device process report it and exit (never returns); elsewhere return."""
-    if _on_sticky is not None:
+def triage(exc: BaseException) -> FailureKind:
+    """The kind of a failure of task code; a sticky one ends a device process here (reported, then exit: this
+    never returns there), while outside a device process it is returned like any other kind."""
+    kind = classify(exc)
+    if kind == "sticky" and _on_sticky is not None:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         _on_sticky(f"{type(exc).__name__}: {exc}", text)
+    return kind
 
 
 def note_split() -> None:
@@ -84,10 +87,7 @@ def guard_run(task: Any) -> None:
                 faults.on_call(1)
                 return run(*args, **kwargs)
             except Exception as exc:
-                kind = classify(exc)
-                if kind == "sticky":
-                    poisoned(exc)
-                if kind != "oom":
+                if triage(exc) != "oom":
                     raise
                 if attempt == 2:
                     raise out_of_memory(task.name, exc) from exc
