@@ -385,10 +385,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
                 self._reject_at_once(job, exc)
             return False
         except OSError:  # dead or stalled (PIPE_TIMEOUT): replace the process; the work waits for another slot
-            if batched:
-                self._batcher.put_back(live)
-            else:
-                self._pending.appendleft(live[0])
+            self._requeue(live)
             slot.state = "recycling"
             slot.kill()
             return False
@@ -398,9 +395,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         for job in live:
             job.slot, job.started = slot, work.started
             self.telemetry.started(slot.device.label, work.started - job.arrived)
-            if job.accept_callback is not None and not job.accepted:  # once: not again when it runs again
-                job.accepted = True
-                call_safely(job.accept_callback, slot.pid, work.started)
+            if not job.deaths:  # its first run: Celery's accept callback, once (not again when it runs again)
+                if job.accept_callback is not None:
+                    call_safely(job.accept_callback, slot.pid, work.started)
             else:  # run again: `inspect active` and revoke(terminate=True) must find its new process
                 request = getattr(job.accept_callback, "__self__", None)
                 if request is not None and hasattr(request, "worker_pid"):
@@ -411,6 +408,11 @@ class GPUPool(BasePool):  # type: ignore[misc]
             stats[0] += 1
             stats[1] += len(live)
         return True
+
+    def _requeue(self, jobs: list[Job]) -> None:
+        """Put jobs that did not run (or must run again) back at the front of their queues, in their order."""
+        self._pending.extendleft(reversed([job for job in jobs if job.batch is None]))
+        self._batcher.put_back([job for job in jobs if job.batch is not None])
 
     def _release(self, slot: Slot) -> Job | Batch | None:
         """Detach the slot's work, once: its memory declaration is returned to its device."""
@@ -582,9 +584,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
                         WorkerLostError(f"Worker exited prematurely: {death} Job: {job.seq}.")))
             elif self._run_again(job, slot, death):
                 again.append(job)
-        plain = [job for job in again if job.batch is None]
-        self._pending.extendleft(reversed(plain))
-        self._batcher.put_back([job for job in again if job.batch is not None])  # first in line, in order
+        self._requeue(again)
         if self._closing or was == "failed" or slot.device.label in self._failed:
             slot.state = "failed" if slot.device.label in self._failed else "stopped"
             return
@@ -602,23 +602,20 @@ class GPUPool(BasePool):  # type: ignore[misc]
     def _run_again(self, job: Job, slot: Slot, death: str) -> bool:
         """A task's device process died under it: True to queue it again (alone, elsewhere), or, after
         ``max_attempts`` runs, fail it with :class:`TaskCrashedDevice` (and dead-letter it) and say False."""
-        job.deaths.append(f"{slot.label} pid {slot.pid}: {death}")
-        job.avoid.add(slot.label)
-        limit = self.settings.max_attempts
-        if job.attempts >= limit:
+        job.deaths.append((slot.label, f"{slot.label} pid {slot.pid}: {death}"))
+        runs, limit = len(job.deaths), self.settings.max_attempts
+        if runs >= limit:
             self.telemetry.ended(slot.device.label, True, None)
             reason = (f"{job.name}[{job.task_id}] was running in a device process that died on each of its "
-                      f"{job.attempts} attempt(s) (limit gpu_max_attempts={limit}): {'; '.join(job.deaths)}")
+                      f"{runs} attempt(s) (limit gpu_max_attempts={limit}): {'; '.join(d for _, d in job.deaths)}")
             logger.error("celery-gpu: %s; it is not run again", reason)
             queue = self.settings.dead_letter_queue
             if queue:
                 deadletter.publish(self.app, queue, job.task_id, job.request, job.body, job.content_type,
-                                   job.content_encoding, reason, job.attempts)
+                                   job.content_encoding, reason, runs)
             if job.error_callback is not None:
                 call_safely(job.error_callback, rebuild_einfo(TaskCrashedDevice(reason)))
             return False
-        job.attempts += 1
-        job.isolate = True
         job.finished = job.soft_sent = False
         job.slot = None
         self.telemetry.reruns[slot.device.label] += 1

@@ -63,11 +63,22 @@ class Job:
         self.batch = batch  # set for an item of a batched task
         self.arrived = time.monotonic()
         self.auto = auto  # memory="auto": ``memory`` is set from what the pool learned, before each placement
-        self.accepted = False  # Celery's accept callback ran (once, even when the task runs again)
-        self.attempts = 1  # runs so far, this one included
-        self.deaths: list[str] = []  # why the device processes it ran in died
-        self.isolate = False  # run it alone: a process died while it was in flight (it may be the cause)
-        self.avoid: set[str] = set()  # slots it died in: placed elsewhere when there is a choice
+        self.deaths: list[tuple[str, str]] = []  # (slot label, what happened) per device process that died under it
+
+    @property
+    def attempts(self) -> int:
+        """Its run now or next, counting from 1: one more than the processes that died under it."""
+        return len(self.deaths) + 1
+
+    @property
+    def isolate(self) -> bool:
+        """Run it alone (never in a batch): a process died while it was in flight, and it may be the cause."""
+        return bool(self.deaths)
+
+    @property
+    def avoid(self) -> set[str]:
+        """Slots it died in: it is placed elsewhere when there is a choice."""
+        return {label for label, _ in self.deaths}
 
     @property
     def jobs(self) -> list[Job]:
