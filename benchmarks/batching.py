@@ -65,6 +65,7 @@ from benchmarks.overhead import (  # noqa: E402
     descendants,
     emit,
     machine,
+    open_broker,
     redact,
     wait_result,
 )
@@ -629,12 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     source = source_state()
     with contextlib.ExitStack() as stack:
-        if args.broker:
-            url, broker = args.broker, redact(args.broker)
-        else:
-            from celery_gpu.embedded import EmbeddedRedis
-
-            url, broker = stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+        url, broker = open_broker(stack, args.broker)
         print(f"broker: {broker}; {os.cpu_count()} CPUs; sizes: {sizes}; serializer {args.serializer}; "
               f"{args.per_device} device process(es)", flush=True)
         try:

@@ -352,6 +352,16 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=host))
 
 
+def open_broker(stack: contextlib.ExitStack, url: str | None) -> tuple[str, str]:
+    """``(url, how it is shown)`` of the benchmark's broker: ``url`` (password hidden), else an embedded Redis
+    that lives as long as ``stack``."""
+    if url:
+        return url, redact(url)
+    from celery_gpu.embedded import EmbeddedRedis
+
+    return stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+
+
 def emit(summary: dict[str, Any], out: Path | None) -> None:
     """Print the benchmark's final JSON line (the last line of its output), and write it to ``out`` too."""
     line = json.dumps(summary)
@@ -484,12 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/overhead.py", *shown])
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        if args.broker:
-            url, broker = args.broker, redact(args.broker)
-        else:
-            from celery_gpu.embedded import EmbeddedRedis
-
-            url, broker = stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+        url, broker = open_broker(stack, args.broker)
         print(f"broker: {broker}; {os.cpu_count()} CPUs; sizes: {sizes}", flush=True)
         try:
             results = run_paths(url, paths, sizes)

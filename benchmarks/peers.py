@@ -1106,12 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prepare:
             return 1 if skipped else 0
         with contextlib.ExitStack() as stack:
-            if args.broker:
-                url, broker = args.broker, overhead.redact(args.broker)
-            else:
-                from celery_gpu.embedded import EmbeddedRedis
-
-                url, broker = stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+            url, broker = overhead.open_broker(stack, args.broker)
             print(f"broker: {broker}; {os.cpu_count()} CPUs; sizes: {sizes}", flush=True)
             try:
                 outcome = run_paths(url, paths, sizes, args, envs, skipped, log_dir)

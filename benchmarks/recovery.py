@@ -44,7 +44,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.overhead import Worker, celery_worker, child_env, emit, machine, redact  # noqa: E402
+from benchmarks.overhead import (  # noqa: E402
+    Worker,
+    celery_worker,
+    child_env,
+    emit,
+    machine,
+    open_broker,
+    redact,
+)
 
 APP = "benchmarks._recovery_app"
 
@@ -229,12 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = [redact(a) if "://" in a else a for a in (sys.argv[1:] if argv is None else argv)]
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        if args.broker:
-            url, broker = args.broker, redact(args.broker)
-        else:
-            from celery_gpu.embedded import EmbeddedRedis
-
-            url, broker = stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+        url, broker = open_broker(stack, args.broker)
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="recovery-")))
         print(f"broker: {broker}; {os.cpu_count()} CPUs", flush=True)
         results: dict[str, Any] = {}

@@ -72,6 +72,7 @@ from benchmarks.overhead import (  # noqa: E402
     celery_worker,
     child_env,
     machine,
+    open_broker,
     redact,
     wait_result,
 )
@@ -455,12 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         internal = run_internal(sizes, args.quick)
     if args.part in ("e2e", "all"):
         with contextlib.ExitStack() as stack:
-            if args.broker:
-                url, broker = args.broker, redact(args.broker)
-            else:
-                from celery_gpu.embedded import EmbeddedRedis
-
-                url, broker = stack.enter_context(EmbeddedRedis()).url, "embedded-redis"
+            url, broker = open_broker(stack, args.broker)
             print(f"\n[e2e: client -> {broker} -> worker -> device process -> result; claim threshold "
                   f"{threshold} bytes]", flush=True)
             try:
