@@ -1,14 +1,17 @@
-"""celery-gpu: run Celery tasks on GPUs in long-lived, spawned, device-pinned processes."""
+"""celery-gpu: run Celery tasks on GPUs in long-lived, spawned, device-pinned processes.
+
+``import celery_gpu`` loads the public API only (the client side: ``GPU``, task declaration, the arrays
+serializer); the worker's main process (``celery_gpu.worker``) and the device processes (``celery_gpu.device``)
+load their own code. docs/design.md has the picture of the layers.
+"""
 
 from .api import GPU
-from .batch import RetryItem
-from .devices import Device, current_device, discover, parse_memory
+from .devices import Device, current_device, discover
 from .errors import (
     AppNotImportable,
     BatchArgumentError,
     BatchResultMismatch,
     CeleryGPUError,
-    DeviceSetupFailed,
     DeviceSpecError,
     FrameError,
     InsufficientDeviceMemory,
@@ -16,6 +19,8 @@ from .errors import (
     NotInDeviceProcess,
 )
 from .settings import Settings
+from .tasks.batched import RetryItem
+from .units import parse_memory
 
 __all__ = [
     "GPU",
@@ -27,7 +32,6 @@ __all__ = [
     "parse_memory",
     "CeleryGPUError",
     "AppNotImportable",
-    "DeviceSetupFailed",
     "DeviceSpecError",
     "FrameError",
     "InsufficientDeviceMemory",

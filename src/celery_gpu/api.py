@@ -1,43 +1,59 @@
-"""The public face: ``gpu = GPU(app)``, ``@gpu.setup``, ``@gpu.task(memory=...)``, ``gpu.device``."""
+"""The public face: ``gpu = GPU(app)``, ``@gpu.setup``, ``@gpu.task(memory=...)``, ``gpu.device``.
+
+Creating a ``GPU`` loads no worker or device code: a producer that only sends tasks pays for neither. What the
+worker needs is named by path (the pool, the consumer bootsteps, the task strategy) and loaded by Celery in the
+worker process only. The ``gpu`` remote-control command is registered here, in every process of the app,
+because Celery's ``celery inspect`` command line checks command names in its own (client) process.
+"""
 
 from __future__ import annotations
 
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from celery import Celery, signals
 
-from .batch import BatchOptions, item_runner
-from .devices import Device, current_device, discover, parse_memory
+from .devices import Device, current_device, discover
+from .observe import control
+from .payload import arrays, claims
+from .registry import AppRecord, SetupHook, record_of
 from .settings import Settings
-from .submit import with_mixin
+from .tasks.batched import BatchOptions, item_runner
+from .tasks.submit import with_mixin
+from .units import parse_memory
 
 __all__ = ["GPU", "POOL"]
 
 #: The pool class path Celery loads through ``worker_pool``.
-POOL = "celery_gpu.pool:GPUPool"
+POOL = "celery_gpu.worker.pool:GPUPool"
+#: The consumer bootsteps of a GPU app's workers (prefetch room for batches; bulk receive on Redis).
+CONSUMER_STEPS = ("celery_gpu.worker.consumer.prefetch:BatchPrefetch", "celery_gpu.worker.consumer.receive:BulkReceive")
+#: The task-message strategy of GPU tasks.
+STRATEGY = "celery_gpu.worker.consumer.strategy:gpu_strategy"
 
-SetupHook = Callable[[Device], Any]
 F = TypeVar("F", bound=Callable[..., Any])
-
-_by_app: weakref.WeakKeyDictionary[Celery, GPU] = weakref.WeakKeyDictionary()
 
 
 def _accept_arrays(sender: Celery, **_: Any) -> None:
     """Add the arrays serializer to what the app accepts (it is safe: no code runs on decode)."""
-    from .arrays import CONTENT_TYPE, NAME
-
     for key in ("accept_content", "result_accept_content"):
         accepted = sender.conf.get(key)
         if accepted is None:
             continue  # result_accept_content None means "as accept_content"
-        if NAME not in accepted and CONTENT_TYPE not in accepted:
-            sender.conf[key] = [*accepted, NAME]
+        if arrays.NAME not in accepted and arrays.CONTENT_TYPE not in accepted:
+            sender.conf[key] = [*accepted, arrays.NAME]
 
 
-class GPU:
+def _call_alone(task: Any, items: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """A batched task's call outside a batch (eager mode, a direct call): the device runtime's guarded call,
+    loaded only when a batched task runs outside a batch."""
+    from .device.split import call_alone
+
+    return call_alone(task, items, kwargs)
+
+
+class GPU(AppRecord):
     """GPU support for one Celery app.
 
     Creating it selects the GPU pool for the app's workers (``app.conf.worker_pool``) so that a stock
@@ -60,33 +76,19 @@ class GPU:
         devices: str | None = None,
         per_device: int | None = None,
     ) -> None:
-        self.app = app
-        self.import_name = import_name
-        self._setup_hooks: list[SetupHook] = []
-        caller = sys._getframe(1).f_globals
-        self._module: str = caller.get("__name__", "__main__")
-        self._module_file: str | None = caller.get("__file__")
+        super().__init__(app, sys._getframe(1).f_globals.get("__name__", "__main__"), import_name)
         conf: dict[str, Any] = {"worker_pool": POOL}
         if devices is not None:
             conf["gpu_devices"] = devices
         if per_device is not None:
             conf["gpu_per_device"] = per_device
         app.conf.update(conf)
-        _by_app[app] = self
-        from . import control  # noqa: F401  (registers `celery inspect gpu` and the worker-gpu event)
-        from .bulkrecv import BulkReceive
-        from .prefetch import BatchPrefetch
-
-        for step in (BatchPrefetch, BulkReceive):
-            if step not in app.steps["consumer"]:
-                app.steps["consumer"].add(step)
+        for step in CONSUMER_STEPS:  # by path: Celery loads them in the worker only
+            app.steps["consumer"].add(step)
         signals.worker_init.connect(self._size_worker, weak=False)
-        from . import arrays
-
+        control.register_command()  # `celery inspect gpu`, and the worker-gpu event after each heartbeat
         arrays.register()  # the safe arrays serializer: `serializer="celery-gpu-arrays"` on any task
-        from . import claimcheck
-
-        claimcheck.configure_for_app(app)  # large arrays payloads out of band, in the app's store
+        claims.configure_for_app(app)  # large arrays payloads out of band, in the app's store
         if app.configured:
             _accept_arrays(app)
         else:
@@ -95,12 +97,8 @@ class GPU:
     @classmethod
     def of(cls, app: Celery) -> GPU | None:
         """The :class:`GPU` created for ``app``, if any."""
-        return _by_app.get(app)
-
-    @property
-    def setup_hooks(self) -> tuple[SetupHook, ...]:
-        """Hooks run once in each device process, in registration order."""
-        return tuple(self._setup_hooks)
+        record = record_of(app)
+        return record if isinstance(record, GPU) else None
 
     def setup(self, fn: SetupHook) -> SetupHook:
         """Register ``fn(device)`` to run once per device process before it takes any task.
@@ -134,10 +132,10 @@ class GPU:
                 whose declared memory is taken, and fails it at once if no device of the worker is big enough.
                 For a batched task: the memory of one call at full batch size. ``"auto"``: learned from
                 the peaks observed on the device (its first run has a device to itself; see
-                :mod:`celery_gpu.admission`).
+                :mod:`celery_gpu.worker.admission`).
             batch: make it a batched task of up to ``batch`` items per call: the function takes a list and
                 returns one result per item, while each ``delay(item)`` stays its own Celery task (see
-                :mod:`celery_gpu.batch` for how calls map to the list).
+                :mod:`celery_gpu.tasks.batched` for how calls map to the list).
             max_wait_ms: for a batched task, how long an item may be held back to fill a batch while other
                 device processes are busy (a free worker with nothing else to do never waits).
             **options: any ``app.task`` option.
@@ -146,14 +144,14 @@ class GPU:
         gpu_memory = 0 if memory is None or auto else parse_memory(memory)
 
         def decorate(f: F) -> Any:
-            options.setdefault("Strategy", "celery_gpu.strategy:guarded")
+            options.setdefault("Strategy", STRATEGY)
             options.setdefault("gpu_default_serializer", "serializer" not in options)
             options["base"] = with_mixin(options.get("base") or self.app.Task)
             if batch is None:
                 return self.app.task(f, gpu=True, gpu_memory=gpu_memory, gpu_memory_auto=auto, **options)
             bind = bool(options.pop("bind", False))
             batch_options = BatchOptions(int(batch), float(max_wait_ms) / 1000.0, f, bind)
-            return self.app.task(item_runner(f, bind), bind=True, gpu=True, gpu_memory=gpu_memory,
+            return self.app.task(item_runner(f, bind, _call_alone), bind=True, gpu=True, gpu_memory=gpu_memory,
                                  gpu_memory_auto=auto, gpu_batch=batch_options, **options)
 
         return decorate(fn) if fn is not None else decorate
@@ -175,14 +173,16 @@ class GPU:
             return
         from celery.concurrency import get_implementation
 
-        from .pool import GPUPool
-
         pool: Any = getattr(sender, "pool_cls", None) or conf.worker_pool
         try:  # any spelling Celery accepts: "pkg.mod:Cls", "pkg.mod.Cls", an alias, the class itself
             cls = get_implementation(pool) if isinstance(pool, str) else pool
         except (ImportError, AttributeError, ValueError):
             return
-        if cls is not GPUPool:
+        if not str(getattr(cls, "__module__", "")).startswith("celery_gpu."):
+            return  # another pool: nothing of ours to load
+        from .worker.pool import GPUPool  # Celery has just loaded it, in this worker process
+
+        if not (isinstance(cls, type) and issubclass(cls, GPUPool)):
             return
         settings = self.settings()
         sender.concurrency = len(discover(settings.devices)) * settings.per_device

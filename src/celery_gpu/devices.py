@@ -8,45 +8,17 @@ Discovery never creates a CUDA context: it reads NVML only, so the worker's main
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import DeviceSpecError, NotInDeviceProcess
+from .units import parse_memory
 
-__all__ = ["Device", "DeviceKind", "parse_memory", "discover", "current_device"]
+__all__ = ["DEFAULT_FAKE_MEMORY", "Device", "DeviceKind", "current_device", "discover", "set_current"]
 
 DeviceKind = Literal["cuda", "cpu", "fake"]
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 DEFAULT_FAKE_MEMORY = 16 * 1024**3
-
-
-def parse_memory(value: int | str) -> int:
-    """Turn ``2GiB``, ``512MB``, ``1.5G`` or a plain byte count into bytes.
-
-    Raises:
-        ValueError: the value is negative or not a size.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a memory size: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"memory size must be >= 0, got {value}")
-        return value
-    match = _MEMORY.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"not a memory size: {value!r} (use e.g. 2GiB, 512MB or a byte count)")
-    size = float(match.group(1)) * _UNITS[unit]
-    if size >= 2**63:
-        raise ValueError(f"memory size too large: {value!r}")
-    return int(size)
 
 
 @dataclass
@@ -192,6 +164,7 @@ def current_device() -> Device:
     return _current
 
 
-def _set_current(device: Device | None) -> None:
+def set_current(device: Device | None) -> None:
+    """Make ``device`` the one :func:`current_device` returns (the device process does it once, at start)."""
     global _current
     _current = device

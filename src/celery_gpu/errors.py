@@ -7,7 +7,6 @@ __all__ = [
     "DeviceSpecError",
     "NotInDeviceProcess",
     "InsufficientDeviceMemory",
-    "DeviceSetupFailed",
     "FrameError",
     "AppNotImportable",
     "MalformedTaskMessage",
@@ -19,6 +18,8 @@ __all__ = [
     "DeviceOutOfMemory",
     "TaskCrashedDevice",
     "FaultSpecError",
+    "ClaimMissing",
+    "ClaimCorrupt",
 ]
 
 
@@ -36,10 +37,6 @@ class NotInDeviceProcess(CeleryGPUError, RuntimeError):
 
 class InsufficientDeviceMemory(CeleryGPUError):
     """A task declares more memory than any device of this worker has; it can never run here."""
-
-
-class DeviceSetupFailed(CeleryGPUError):
-    """A ``@gpu.setup`` hook raised in a device process; the device is marked failed, not retried in a loop."""
 
 
 class FrameError(CeleryGPUError):
@@ -88,3 +85,11 @@ class TaskCrashedDevice(CeleryGPUError):
 
 class FaultSpecError(CeleryGPUError, ValueError):
     """``CELERY_GPU_FAULTS`` (fault injection for fake devices) cannot be parsed."""
+
+
+class ClaimMissing(ArrayDecodeError, LookupError):
+    """A stored payload is gone: never stored here, expired (TTL), or already consumed and deleted."""
+
+
+class ClaimCorrupt(ArrayDecodeError):
+    """A reference is malformed, or the stored payload does not match its size or SHA-256."""

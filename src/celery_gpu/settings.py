@@ -28,10 +28,12 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .devices import parse_memory
-from .frames import MAX_FRAME
+from .units import parse_memory
 
-__all__ = ["Settings"]
+__all__ = ["MAX_FRAME", "Settings"]
+
+#: Largest frame accepted on a device-process pipe by default: a whole Celery message body travels in one frame.
+MAX_FRAME = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class Settings:
         metrics_port: TCP port of the Prometheus endpoint (``/metrics``) of the worker; 0 turns it off.
         metrics_addr: address that endpoint listens on.
         claim_threshold: arrays-serializer payloads this large or larger are stored out of band (the result
-            backend's Redis, else a private directory) and the message carries a reference; 0 turns it off.
+            backend's Redis, else the broker's) and the message carries a reference; 0 turns it off, and so
+            does an app with no Redis at all (a shared directory is only used when configured explicitly).
         claim_ttl: seconds a stored payload is kept when no task consumes it.
         max_attempts: runs of a task whose device process dies under it (crash, sticky CUDA error, frozen)
             before it fails with ``TaskCrashedDevice``; the first run counts.

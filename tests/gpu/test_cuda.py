@@ -71,7 +71,7 @@ def test_pinned_staging_copies_correctly_and_is_timed_against_plain_to() -> None
     import numpy as np
     import torch
 
-    from celery_gpu.staging import to_device
+    from celery_gpu.device.staging import to_device
 
     a = np.random.default_rng(0).random((64, 1024, 256), dtype=np.float32)  # 64 MiB
     for _ in range(2):

@@ -21,7 +21,7 @@ def test_celery_gpu_worker_command_lays_out_devices_and_slots(embedded_url: str,
         pool = w.wait_ready()
         assert [(d["device"], len(d["slots"])) for d in pool["devices"]] == [("fake:0", 2), ("fake:1", 2)]
         stats = w.app.control.inspect([w.name]).stats()[w.name]
-        assert stats["pool"]["implementation"] == "celery_gpu.pool:GPUPool"
+        assert stats["pool"]["implementation"] == "celery_gpu.worker.pool:GPUPool"
         assert stats["prefetch_count"] == 4
         ran = {w.app.send_task("tests.apps.basic.where", args=[i]).get(timeout=30)["pid"] for i in range(40)}
         assert ran == set(w.child_pids())

@@ -147,7 +147,8 @@ def test_killing_a_device_process_mid_task_leaves_no_shared_memory_behind(worker
 def test_numpy_arrays_travel_with_the_arrays_serializer(worker: Worker, tmp_path: Path) -> None:
     import numpy as np
 
-    from celery_gpu import arrays, claimcheck
+    from celery_gpu.payload import arrays
+    from celery_gpu.payload import claims as claimcheck
 
     arrays.register()
     claimcheck.configure(None)  # in the message itself (out of band: the next test)
@@ -165,10 +166,11 @@ def test_numpy_arrays_travel_with_the_arrays_serializer(worker: Worker, tmp_path
 def test_a_huge_payload_goes_out_of_band_and_is_deleted_once_consumed(worker: Worker) -> None:
     import numpy as np
 
-    from celery_gpu import arrays, claimcheck
+    from celery_gpu.payload import arrays
+    from celery_gpu.payload import claims as claimcheck
 
     arrays.register()
-    store = claimcheck.store_for_app(worker.app)  # the backend's Redis, as the worker's GPU(app) picks it
+    store = claimcheck.redis_store_for_app(worker.app)  # the backend's Redis, as the worker's GPU(app) picks it
     assert isinstance(store, claimcheck.RedisStore)
     claimcheck.configure(lambda: store, threshold=1 << 20, ttl=600)
     try:

@@ -59,7 +59,7 @@ def make_pool(embedded_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[An
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("TEST_BROKER", embedded_url)
     monkeypatch.setenv("TEST_BACKEND", embedded_url)
-    from celery_gpu.pool import GPUPool
+    from celery_gpu.worker.pool import GPUPool
     from tests.apps.basic import app
 
     pools: list[Any] = []
@@ -165,7 +165,7 @@ def test_max_tasks_per_child_recycles_the_process(embedded_url: str, monkeypatch
     monkeypatch.setenv("TEST_BROKER", embedded_url)
     monkeypatch.setenv("TEST_BACKEND", embedded_url)
     monkeypatch.setenv("CELERY_GPU_DEVICES", "fake:1")
-    from celery_gpu.pool import GPUPool
+    from celery_gpu.worker.pool import GPUPool
     from tests.apps.basic import app
 
     pool = GPUPool(app=app, threads=True, maxtasksperchild=3)  # what `celery worker --max-tasks-per-child 3` passes

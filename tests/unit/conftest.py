@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from celery import Celery, _state, signals
 
-from celery_gpu import devices
-from celery_gpu.frames import Channel
+from celery_gpu import GPU, devices
+from celery_gpu.wire.frames import Channel
 
 _app_ids = itertools.count(1)
 
@@ -26,7 +26,7 @@ def _isolated_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     receivers = list(sig.receivers)
     finalizers = set(_state._on_app_finalizers)
     current = devices._current
-    from celery_gpu import claimcheck
+    from celery_gpu.payload import claims as claimcheck
 
     claimcheck.configure(None)  # no claim-check unless a test turns it on
     claimcheck.defer_fetch(False)
@@ -38,7 +38,7 @@ def _isolated_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             sig.sender_receivers_cache.clear()
         _state._on_app_finalizers.clear()
         _state._on_app_finalizers.update(finalizers)
-        devices._set_current(current)
+        devices.set_current(current)
 
 
 @pytest.fixture
@@ -52,6 +52,14 @@ def make_app() -> Callable[..., Celery]:
         return app
 
     return make
+
+
+@pytest.fixture()
+def gpu_app() -> tuple[Celery, GPU]:
+    """An app (not the current one) with its GPU on one fake device."""
+    app = Celery(f"unit-{next(_app_ids)}", set_as_current=False)
+    app.conf.task_always_eager = False
+    return app, GPU(app, devices="fake:1")
 
 
 @pytest.fixture

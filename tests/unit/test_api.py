@@ -10,10 +10,10 @@ from celery import Celery, Task, signals
 
 from celery_gpu import GPU, Device
 from celery_gpu.api import POOL
-from celery_gpu.devices import _set_current
+from celery_gpu.devices import set_current
 from celery_gpu.errors import AppNotImportable, NotInDeviceProcess
-from celery_gpu.imports import locate_app
-from celery_gpu.pool import GPUPool
+from celery_gpu.wire.appref import locate_app
+from celery_gpu.worker.pool import GPUPool
 
 GiB = 1024**3
 
@@ -28,14 +28,21 @@ def module_task(x: int) -> int:
 
 
 def test_pool_path() -> None:
-    assert POOL == "celery_gpu.pool:GPUPool"
+    assert POOL == "celery_gpu.worker.pool:GPUPool"
     assert f"{GPUPool.__module__}:{GPUPool.__qualname__}" == POOL
+
+
+@pytest.mark.parametrize("path", ["celery_gpu.pool:GPUPool", "celery_gpu.pool.GPUPool", POOL])
+def test_the_documented_pool_paths_load_the_pool(path: str) -> None:
+    from celery.concurrency import get_implementation
+
+    assert get_implementation(path) is GPUPool  # the path before the worker package still works
 
 
 def test_gpu_selects_the_pool(make_app: Callable[..., Celery]) -> None:
     a = make_app()
     GPU(a)
-    assert a.conf.worker_pool == "celery_gpu.pool:GPUPool"
+    assert a.conf.worker_pool == "celery_gpu.worker.pool:GPUPool"
     assert app.conf.worker_pool == POOL
 
 
@@ -201,12 +208,12 @@ def test_device_outside_a_device_process(make_app: Callable[..., Celery]) -> Non
 def test_device_inside_a_device_process(make_app: Callable[..., Celery]) -> None:
     g = GPU(make_app())
     device = Device(2, "fake", "fake-2", GiB)
-    _set_current(device)
+    set_current(device)
     try:
         assert g.device is device
         assert gpu.device is device  # the device belongs to the process, not the app
     finally:
-        _set_current(None)
+        set_current(None)
 
 
 def test_task_reading_gpu_device_in_a_device_process(make_app: Callable[..., Celery]) -> None:
@@ -218,11 +225,11 @@ def test_task_reading_gpu_device_in_a_device_process(make_app: Callable[..., Cel
 
     with pytest.raises(NotInDeviceProcess):
         where.apply().get()
-    _set_current(Device(1, "fake", "fake-1", GiB))
+    set_current(Device(1, "fake", "fake-1", GiB))
     try:
         assert where.apply().get() == "fake:1"
     finally:
-        _set_current(None)
+        set_current(None)
 
 
 # -- locate_app -----------------------------------------------------------------------------------------

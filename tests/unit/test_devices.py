@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from celery_gpu import devices
-from celery_gpu.devices import DEFAULT_FAKE_MEMORY, Device, current_device, discover, parse_memory
+from celery_gpu.devices import DEFAULT_FAKE_MEMORY, Device, current_device, discover
 from celery_gpu.errors import CeleryGPUError, DeviceSpecError, NotInDeviceProcess
+from celery_gpu.units import parse_memory
 
 GiB = 1024**3
 
@@ -265,11 +266,11 @@ def test_current_device_outside_a_device_process() -> None:
 
 def test_current_device_inside_a_device_process() -> None:
     device = Device(1, "fake", "fake-1", GiB)
-    devices._set_current(device)
+    devices.set_current(device)
     try:
         assert current_device() is device
     finally:
-        devices._set_current(None)
+        devices.set_current(None)
     with pytest.raises(NotInDeviceProcess):
         current_device()
 

@@ -8,8 +8,8 @@ from dataclasses import FrozenInstanceError
 import pytest
 from celery import Celery
 
-from celery_gpu.frames import MAX_FRAME
 from celery_gpu.settings import Settings
+from celery_gpu.wire.frames import MAX_FRAME
 
 MiB = 1024**2
 

@@ -1,0 +1,259 @@
+"""Prometheus metrics of the GPU pool, exported from the pool's status snapshot.
+
+The exporter never touches the pool: it reads a zero-argument callable that returns the pool's JSON-able
+status snapshot (or None before the pool has started, when nothing is exported). ``prometheus-client`` is an
+optional extra (``pip install 'celery-gpu[prometheus]'``) and is imported only when metrics are used.
+
+Every metric has a ``host`` label (the Celery nodename). A null reading exports no sample.
+
+=========================================  =========  ===================  =============================================
+Metric                                     Type       Labels               Meaning
+=========================================  =========  ===================  =============================================
+celery_gpu_device_utilization_ratio        gauge      host, device         Utilization, 0..1
+celery_gpu_device_memory_used_bytes        gauge      host, device         Memory in use on the device
+celery_gpu_device_memory_total_bytes       gauge      host, device         Device memory (reading, else declared total)
+celery_gpu_device_memory_reserved_bytes    gauge      host, device         Memory declared by the running tasks
+celery_gpu_device_temperature_celsius      gauge      host, device         Temperature
+celery_gpu_device_power_watts              gauge      host, device         Power draw
+celery_gpu_device_quarantined              gauge      host, device         1 when the device is marked failed
+celery_gpu_device_info                     gauge      host, device, name,  Always 1; the device's name, kind
+                                                      kind, source         (cuda|cpu|fake) and reading source
+celery_gpu_slot_up                         gauge      host, device, slot   1 when the slot has a live process
+celery_gpu_slot_busy                       gauge      host, device, slot   1 when the slot runs a task
+celery_gpu_tasks_total                     counter    host, device,        Tasks finished on the device
+                                                      outcome              (outcome: succeeded|failed)
+celery_gpu_process_restarts_total          counter    host, device, slot   Restarts of the slot's process
+celery_gpu_oom_splits_total                counter    host, device         Batches split after running out of memory
+celery_gpu_task_reruns_total               counter    host, device         Tasks run again after their process died
+celery_gpu_leak_recycles_total             counter    host, device         Processes replaced for holding too much
+celery_gpu_pending_tasks                   gauge      host                 Tasks and batch items waiting in the pool
+celery_gpu_batch_waiting_items             gauge      host, task           Items waiting for a batch
+celery_gpu_batches_total                   counter    host, task           Batches run
+celery_gpu_batch_items_total               counter    host, task           Items run in batches
+celery_gpu_batch_calls_total               counter    host, task           Calls of the batch task
+celery_gpu_queue_wait_seconds              histogram  host, device         Wait in the pool before a task starts
+celery_gpu_task_run_seconds                histogram  host, device         Run time of a task in its device process
+celery_gpu_batch_size                      histogram  host, task           Items per batch
+celery_gpu_snapshot_age_seconds            gauge      host                 Age of the snapshot when scraped
+=========================================  =========  ===================  =============================================
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+
+from .snapshot import DeviceStatus, HistogramData, Status
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = ["MetricsExporter", "MetricsPortInUse", "PoolCollector", "Snapshot", "render", "start_exporter"]
+
+logger = logging.getLogger("celery_gpu.metrics")
+
+Snapshot = Callable[[], Status | None]
+"""The pool's status snapshot, or None before the pool has started."""
+
+_MISSING = "the metrics port needs prometheus-client: pip install 'celery-gpu[prometheus]'"
+_SLOT_DOWN = frozenset({"down", "failed"})
+_READINGS = [  # (metric suffix, readings key, help)
+    ("utilization_ratio", "utilization", "Utilization of the device, 0..1."),
+    ("memory_used_bytes", "memory_used", "Memory in use on the device, in bytes."),
+    ("temperature_celsius", "temperature_c", "Temperature of the device."),
+    ("power_watts", "power_w", "Power draw of the device."),
+]
+_HISTOGRAMS = [  # (metric name, snapshot key, label, help)
+    ("celery_gpu_queue_wait_seconds", "queue_wait_seconds", "device", "Wait in the pool before a task starts."),
+    ("celery_gpu_task_run_seconds", "run_seconds", "device", "Run time of a task in its device process."),
+    ("celery_gpu_batch_size", "batch_size", "task", "Items per batch."),
+]
+
+
+class MetricsPortInUse(OSError):
+    """The metrics port is already taken by another process (or another exporter)."""
+
+
+def _prometheus() -> Any:
+    """The ``prometheus_client`` module, or a clear error when the optional extra is missing."""
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise RuntimeError(_MISSING) from exc
+    return prometheus_client
+
+
+def _le(bound: Any) -> str:
+    """A bucket's upper bound as Prometheus writes it (``0.005``, ``+Inf``)."""
+    from prometheus_client.utils import floatToGoString
+
+    return str(floatToGoString(float(bound)))  # type: ignore[no-untyped-call]
+
+
+class PoolCollector:
+    """A custom Prometheus collector: each scrape turns the pool's current snapshot into metric families."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the families depend on the snapshot (and registering must not call it)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families of one snapshot; none at all when the pool has not started."""
+        try:
+            snap = self._snapshot()
+        except Exception:
+            logger.exception("celery-gpu metrics: taking the pool snapshot failed")
+            return
+        if snap is None:
+            return
+        families = _Families(str(snap["hostname"]))
+        families.add_snapshot(snap)
+        yield from (family for family in families.all() if family.samples)
+
+
+class _Families:
+    """The metric families of one scrape, filled from a snapshot."""
+
+    def __init__(self, host: str) -> None:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        self.host = host
+        self._gauge, self._counter, self._histogram = GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily
+        self._families: dict[str, Any] = {}
+
+    def all(self) -> list[Metric]:
+        """Every family created so far, in creation order."""
+        return list(self._families.values())
+
+    def add(self, kind: str, name: str, doc: str, labels: dict[str, str], value: float) -> None:
+        """One sample of a gauge or counter family (created on first use), ``host`` prepended to the labels."""
+        family = self._families.get(name)
+        if family is None:
+            make = self._gauge if kind == "gauge" else self._counter
+            family = self._families[name] = make(name, doc, labels=["host", *labels])
+        family.add_metric([self.host, *labels.values()], float(value))
+
+    def add_histogram(self, name: str, doc: str, label: str, key: str, hist: HistogramData) -> None:
+        """One histogram; the snapshot's cumulative buckets are used as they are (``+Inf`` added if missing)."""
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = self._histogram(name, doc, labels=["host", label])
+        buckets = [(_le(le), float(count)) for le, count in hist["buckets"]]
+        if not buckets or buckets[-1][0] != "+Inf":
+            buckets.append(("+Inf", float(hist["count"])))
+        family.add_metric([self.host, key], buckets, float(hist["sum"]))
+
+    def add_snapshot(self, snap: Status) -> None:
+        """Every metric of ``snap``."""
+        for device in snap["devices"]:
+            self.add_device(device)
+        pending_doc = "Tasks and batch items waiting in the pool."
+        self.add("gauge", "celery_gpu_pending_tasks", pending_doc, {}, snap["pending"])
+        for task, stats in snap["batching"].items():
+            labels = {"task": task}
+            self.add("gauge", "celery_gpu_batch_waiting_items", "Items waiting for a batch.", labels, stats["waiting"])
+            self.add("counter", "celery_gpu_batches_total", "Batches run.", labels, stats["batches"])
+            self.add("counter", "celery_gpu_batch_items_total", "Items run in batches.", labels, stats["items"])
+            self.add("counter", "celery_gpu_batch_calls_total", "Calls of the batch task.", labels, stats["calls"])
+        histograms: dict[str, dict[str, HistogramData]] = dict(snap["histograms"])  # type: ignore[arg-type]
+        for name, key, label, doc in _HISTOGRAMS:
+            for value, hist in histograms.get(key, {}).items():
+                self.add_histogram(name, doc, label, value, hist)
+        age = max(0.0, time.time() - float(snap["timestamp"]))
+        self.add("gauge", "celery_gpu_snapshot_age_seconds", "Age of the pool snapshot when scraped.", {}, age)
+
+    def add_device(self, dev: DeviceStatus) -> None:
+        """The metrics of one device and its slots."""
+        name = str(dev["device"])
+        labels = {"device": name}
+        # Tolerant of partial snapshots (a device without readings, counters a version did not have).
+        readings: dict[str, Any] = dict(dev.get("readings") or {})
+        for suffix, key, doc in _READINGS:
+            if readings.get(key) is not None:
+                self.add("gauge", f"celery_gpu_device_{suffix}", doc, labels, readings[key])
+        total = readings.get("memory_total")
+        total = dev["total_memory"] if total is None else total
+        if total is not None:
+            self.add("gauge", "celery_gpu_device_memory_total_bytes", "Memory of the device, in bytes.", labels, total)
+        reserved_doc = "Memory declared by the tasks running on the device, in bytes."
+        self.add("gauge", "celery_gpu_device_memory_reserved_bytes", reserved_doc, labels, dev["reserved_memory"])
+        quarantined_doc = "1 when the device is quarantined (marked failed)."
+        self.add("gauge", "celery_gpu_device_quarantined", quarantined_doc, labels, 1 if dev["quarantined"] else 0)
+        source = str(readings.get("source") or "none")
+        info = {**labels, "name": str(dev["name"]), "kind": str(dev["kind"]), "source": source}
+        self.add("gauge", "celery_gpu_device_info", "The device's name, kind and reading source; always 1.", info, 1)
+        counters = dev["counters"]
+        for outcome in ("succeeded", "failed"):
+            tasks_doc = "Tasks finished on the device, by outcome."
+            self.add("counter", "celery_gpu_tasks_total", tasks_doc, {**labels, "outcome": outcome}, counters[outcome])
+        oom_doc = "Batches split after the device ran out of memory."
+        self.add("counter", "celery_gpu_oom_splits_total", oom_doc, labels, counters["oom_splits"])
+        self.add("counter", "celery_gpu_task_reruns_total", "Tasks queued again after their device process died.",
+                 labels, counters.get("reruns", 0))
+        self.add("counter", "celery_gpu_leak_recycles_total",
+                 "Device processes replaced for holding more device memory than gpu_recycle_memory.", labels,
+                 counters.get("leak_recycles", 0))
+        for slot in dev["slots"]:
+            slot_labels = {**labels, "slot": str(slot["slot"])}
+            up = slot["pid"] is not None and slot["state"] not in _SLOT_DOWN
+            self.add("gauge", "celery_gpu_slot_up", "1 when the slot has a live process.", slot_labels, int(up))
+            busy = slot["state"] == "busy"
+            self.add("gauge", "celery_gpu_slot_busy", "1 when the slot runs a task.", slot_labels, int(busy))
+            restarts_doc = "Restarts of the slot's device process."
+            self.add("counter", "celery_gpu_process_restarts_total", restarts_doc, slot_labels, slot["restarts"])
+
+
+def _registry(snapshot: Snapshot) -> CollectorRegistry:
+    """A registry of its own (never the global default) holding only the pool's collector."""
+    registry: CollectorRegistry = _prometheus().CollectorRegistry(auto_describe=False)
+    registry.register(cast("Collector", PoolCollector(snapshot)))
+    return registry
+
+
+def render(snapshot: Status | None) -> str:
+    """The Prometheus text exposition of one snapshot."""
+    prometheus = _prometheus()
+    return cast(bytes, prometheus.generate_latest(_registry(lambda: snapshot))).decode()
+
+
+class MetricsExporter:
+    """A running metrics HTTP server (a daemon thread); :meth:`stop` shuts it down and frees the port."""
+
+    def __init__(self, server: Any, thread: Any) -> None:
+        self._server = server
+        self._thread = thread
+        self.port: int = int(server.server_port)
+        self._stopped = False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout)
+
+
+def start_exporter(port: int, snapshot: Snapshot, addr: str = "0.0.0.0") -> MetricsExporter:
+    """Serve the pool's metrics at ``http://addr:port/metrics`` (``port=0``: any free port, see ``.port``).
+
+    Raises :class:`MetricsPortInUse` when the port is taken, and RuntimeError without prometheus-client.
+    """
+    prometheus = _prometheus()
+    registry = _registry(snapshot)
+    try:
+        server, thread = prometheus.start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise MetricsPortInUse(exc.errno, f"the metrics port {addr}:{port} is already in use") from exc
+        raise
+    logger.info("celery-gpu metrics on http://%s:%d/metrics", addr, server.server_port)
+    return MetricsExporter(server, thread)

@@ -1,0 +1,140 @@
+"""The status snapshot of a worker's pool: one typed picture shared by its producer (the pool) and its readers
+(``celery inspect gpu``, the ``worker-gpu`` event, the Prometheus exporter, ``celery-gpu status``).
+
+Everything is JSON-friendly plain data. ``celery inspect stats`` shows a smaller form of the devices
+(:class:`DeviceInfo`, without readings and counters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypedDict
+
+__all__ = [
+    "BatchingInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms", "MemoryInfo",
+    "Reading", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
+]
+
+
+class Reading(TypedDict):
+    """A live reading of a device; ``None`` where unknown, ``source`` says where it came from."""
+
+    utilization: float | None  # 0..1
+    memory_used: int | None
+    memory_total: int | None
+    temperature_c: float | None
+    power_w: float | None
+    source: str  # nvml | proc | simulated | none | error
+
+
+class Counters(TypedDict):
+    """What the pool counted on one device."""
+
+    succeeded: int
+    failed: int
+    restarts: int
+    oom_splits: int
+    reruns: int
+    leak_recycles: int
+
+
+class _SlotInfo(TypedDict):
+    slot: int
+    pid: int | None
+    state: str  # stopped | starting | idle | busy | recycling | down | failed
+    task: str | None
+    tasks_done: int
+    cuda_visible_devices: str
+    memory_in_use: int
+
+
+class SlotInfo(_SlotInfo, total=False):
+    """One device process as ``inspect stats`` shows it."""
+
+    setup_error: str
+
+
+class SlotStatus(SlotInfo):
+    """One device process in the status snapshot."""
+
+    restarts: int
+
+
+class DeviceInfo(TypedDict):
+    """A device and its processes as ``inspect stats`` shows them."""
+
+    device: str
+    name: str
+    kind: str
+    total_memory: int
+    reserved_memory: int
+    failed: bool
+    slots: list[SlotInfo]
+
+
+class DeviceStatus(TypedDict):
+    """A device in the status snapshot: its processes, live readings and counters."""
+
+    device: str
+    name: str
+    kind: str
+    total_memory: int
+    reserved_memory: int
+    slots: list[SlotStatus]
+    quarantined: bool
+    reason: str | None
+    readings: Reading
+    counters: Counters
+
+
+class BatchingInfo(TypedDict):
+    """One batched task: batches run, items in them, calls made (bisection included), items waiting now."""
+
+    batches: int
+    items: int
+    calls: int
+    mean_batch: float
+    waiting: int
+
+
+class HistogramData(TypedDict):
+    """A Prometheus-style histogram: cumulative ``[[le, count], ..., ["+Inf", count]]``, a sum and a count."""
+
+    buckets: list[list[Any]]
+    sum: float
+    count: int
+
+
+class Histograms(TypedDict):
+    queue_wait_seconds: dict[str, HistogramData]  # by device
+    run_seconds: dict[str, HistogramData]  # by device
+    batch_size: dict[str, HistogramData]  # by batched task
+
+
+class MemoryInfo(TypedDict):
+    """What the pool learned about memory: ``memory="auto"`` peaks, and batch caps after OOM splits."""
+
+    learned_peaks: dict[str, int]
+    batch_caps: dict[str, int]  # "task@device" -> items
+
+
+class Summary(TypedDict):
+    """The snapshot without histograms (the ``worker-gpu`` event)."""
+
+    hostname: str
+    timestamp: float
+    pending: int
+    devices: list[DeviceStatus]
+    batching: dict[str, BatchingInfo]
+    memory: MemoryInfo
+
+
+class Status(Summary):
+    """The whole snapshot (``celery inspect gpu``, the metrics exporter)."""
+
+    histograms: Histograms
+
+
+class StatusSource(Protocol):
+    """What can give a snapshot (the pool, on its loop thread)."""
+
+    def status(self) -> Status: ...

@@ -1,0 +1,62 @@
+"""The pool's state as plain data: the status snapshot (``inspect gpu``, the ``worker-gpu`` event, the metrics
+exporter; its shape is :mod:`celery_gpu.observe.snapshot`) and what ``celery inspect stats`` shows."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..devices import Device
+from ..observe.readings import Readings
+from ..observe.snapshot import DeviceInfo, DeviceStatus, SlotStatus, Status
+from ..observe.telemetry import Telemetry
+from .process import Slot
+from .scheduler import Scheduler
+
+__all__ = ["device_info", "stats", "status"]
+
+
+def device_info(device: Device, slots: list[Slot], scheduler: Scheduler) -> DeviceInfo:
+    """A device and its slots as ``inspect stats`` shows them."""
+    return {
+        "device": device.label, "name": device.name, "kind": device.kind, "total_memory": device.total_memory,
+        "reserved_memory": scheduler.reserved[device.label], "failed": device.label in scheduler.quarantined,
+        "slots": [s.info() for s in slots if s.device is device],
+    }
+
+
+def _device_status(device: Device, slots: list[Slot], scheduler: Scheduler, telemetry: Telemetry,
+                   readings: Readings) -> DeviceStatus:
+    mine = [s for s in slots if s.device is device]
+    states: list[SlotStatus] = [{**s.info(), "restarts": telemetry.restarts[(device.label, s.index)]} for s in mine]
+    busy = sum(s.state == "busy" for s in mine)
+    reserved = scheduler.reserved[device.label]
+    return {
+        "device": device.label, "name": device.name, "kind": device.kind, "total_memory": device.total_memory,
+        "reserved_memory": reserved, "slots": states,
+        "quarantined": device.label in scheduler.quarantined, "reason": scheduler.quarantined.get(device.label),
+        "readings": readings.read(device, busy, len(mine), reserved),
+        "counters": telemetry.counters(device.label),
+    }
+
+
+def status(hostname: str, devices: list[Device], slots: list[Slot], scheduler: Scheduler, telemetry: Telemetry,
+           readings: Readings) -> Status:
+    """The whole picture of a pool: devices with live readings, processes, counters, batching, histograms."""
+    return {
+        "hostname": hostname, "timestamp": time.time(), "pending": len(scheduler),
+        "devices": [_device_status(d, slots, scheduler, telemetry, readings) for d in devices],
+        "batching": scheduler.batching(), "histograms": telemetry.histograms(), "memory": scheduler.book.info(),
+    }
+
+
+def stats(devices: list[Device], slots: list[Slot], scheduler: Scheduler) -> dict[str, Any]:
+    """What the pool adds to ``celery inspect stats`` (its ``pool`` section)."""
+    return {
+        "max-concurrency": len(slots),
+        "processes": [s.pid for s in slots if s.proc is not None],
+        "pending": len(scheduler),
+        "batching": scheduler.batching(),
+        "devices": [device_info(d, slots, scheduler) for d in devices],
+        "memory": scheduler.book.info(),
+    }

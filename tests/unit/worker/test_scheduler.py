@@ -1,0 +1,164 @@
+"""The flush policy and placement, against the scheduler alone: no pool, no pipes, no processes.
+
+What is checked: a free worker flushes at once; items are held while another process is busy, until the
+batch is full or ``max_wait`` passes; the oldest waiting work goes first across tasks; the waiting queues are
+FIFO per task; memory declarations are never oversubscribed and a task that can never fit is refused.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from celery_gpu.devices import Device
+from celery_gpu.tasks.batched import BatchOptions
+from celery_gpu.worker.scheduler import BatchQueues, Scheduler
+from celery_gpu.worker.work import Job
+
+GiB = 1024**3
+DEVICE = Device(0, "fake", "fake-0", 8 * GiB)
+BATCH = BatchOptions(4, 0.05, lambda items: items, False)  # batch=4, max_wait_ms=50
+
+
+@dataclass
+class Place:
+    """An idle device process, as the scheduler sees one."""
+
+    index: int
+    device: Device = field(default_factory=lambda: DEVICE)
+    idle_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        return f"{self.device.label}#{self.index}"
+
+
+_seq = iter(range(1, 1 << 30))
+
+
+def job(name: str = "double", batch: BatchOptions | None = BATCH, memory: int = GiB) -> Job:
+    args = (name, uuid.uuid4().hex, {"id": "x"}, b"[]", "application/json", "utf-8")
+    return Job(next(_seq), args, memory, None, None, None, None, None, None, batch)
+
+
+@pytest.fixture
+def scheduler() -> Scheduler:
+    return Scheduler([DEVICE])
+
+
+class Holds(list[float]):
+    """The deadlines the scheduler asked to be woken at."""
+
+    def __call__(self, when: float) -> None:
+        self.append(when)
+
+
+def test_free_worker_flushes_a_single_item_at_once(scheduler: Scheduler) -> None:
+    a, b = Place(0), Place(1)
+    item = job()
+    scheduler.add(item)
+    picked = scheduler.pick([a, b], busy=False, now=time.monotonic(), hold=Holds())
+    assert picked is not None and picked.batched and picked.jobs == [item]
+    assert picked.place in (a, b)
+    assert len(scheduler) == 0
+
+
+def test_items_are_held_while_another_process_is_busy_until_the_batch_is_full(scheduler: Scheduler) -> None:
+    a, b = Place(0), Place(1)
+    scheduler.add(job())
+    first = scheduler.pick([a, b], busy=False, now=time.monotonic(), hold=Holds())
+    assert first is not None  # takes one process; the other stays idle
+    held = [job() for _ in range(3)]
+    for item in held:
+        scheduler.add(item)
+    holds = Holds()
+    now = time.monotonic()
+    assert scheduler.pick([b], busy=True, now=now, hold=holds) is None, \
+        "a partial batch must wait while the other process is busy"
+    assert holds and 0 < holds[0] - now <= 0.05  # woken at the oldest item's deadline
+    scheduler.add(job())  # the fourth waiting item fills the batch (batch=4): it leaves now
+    full = scheduler.pick([b], busy=True, now=time.monotonic(), hold=Holds())
+    assert full is not None and len(full.jobs) == 4 and full.jobs[:3] == held
+
+
+def test_a_held_batch_leaves_after_max_wait(scheduler: Scheduler) -> None:
+    b = Place(1)
+    waiting = job()
+    scheduler.add(waiting)
+    assert scheduler.pick([b], busy=True, now=time.monotonic(), hold=Holds()) is None
+    waiting.arrived -= 1.0  # an item that has waited longer than max_wait (50 ms)
+    picked = scheduler.pick([b], busy=True, now=time.monotonic(), hold=Holds())
+    assert picked is not None and picked.jobs == [waiting]
+
+
+def test_oldest_waiting_work_goes_first_across_tasks(scheduler: Scheduler) -> None:
+    square = job("square", memory=0)
+    plain = job("plain", batch=None, memory=0)
+    double = job("double")
+    for item in (square, plain, double):
+        scheduler.add(item)
+    square.arrived -= 1.0  # past max_wait: not held
+    first = scheduler.pick([Place(0)], busy=True, now=time.monotonic(), hold=Holds())
+    assert first is not None and [j.name for j in first.jobs] == ["square"]
+    second = scheduler.pick([Place(1)], busy=True, now=time.monotonic(), hold=Holds())
+    assert second is not None and [j.name for j in second.jobs] == ["plain"]
+
+
+def test_declared_memory_is_reserved_per_device_and_never_oversubscribed(scheduler: Scheduler) -> None:
+    big = [job("plain", batch=None, memory=5 * GiB) for _ in range(2)]
+    for item in big:
+        scheduler.add(item)
+    first = scheduler.pick([Place(0), Place(1)], busy=False, now=time.monotonic(), hold=Holds())
+    assert first is not None
+    scheduler.reserve(DEVICE, first.jobs[0].memory)
+    assert scheduler.reserved[DEVICE.label] == 5 * GiB
+    assert scheduler.pick([Place(1)], busy=True, now=time.monotonic(), hold=Holds()) is None, "3 GiB left"
+    scheduler.reserved[DEVICE.label] -= 5 * GiB
+    assert scheduler.pick([Place(1)], busy=True, now=time.monotonic(), hold=Holds()) is not None
+
+
+def test_a_task_larger_than_every_device_is_refused(scheduler: Scheduler) -> None:
+    assert scheduler.too_big(job(memory=8 * GiB)) is None
+    error = scheduler.too_big(job(memory=9 * GiB))
+    assert error is not None and "route it to a worker with bigger GPUs" in str(error)
+
+
+def test_a_quarantined_device_gives_back_what_no_other_device_can_hold() -> None:
+    small = Device(1, "fake", "fake-1", 2 * GiB)
+    scheduler = Scheduler([DEVICE, small])
+    fits, too_big = job("plain", batch=None, memory=GiB), job("plain", batch=None, memory=4 * GiB)
+    scheduler.add(fits)
+    scheduler.add(too_big)
+    assert scheduler.quarantine(DEVICE, "setup failed") == [too_big]
+    assert [d.label for d in scheduler.live()] == ["fake:1"] and list(scheduler.pending) == [fits]
+
+
+def test_a_job_placed_elsewhere_than_where_it_died() -> None:
+    scheduler = Scheduler([DEVICE])
+    again = job("plain", batch=None, memory=0)
+    again.deaths.append(("fake:0#0", "fake:0#0 pid 1: signal 9"))
+    scheduler.add(again)
+    picked = scheduler.pick([Place(0), Place(1)], busy=False, now=time.monotonic(), hold=Holds())
+    assert picked is not None and picked.place.label == "fake:0#1"
+
+
+# -- the waiting queues ----------------------------------------------------------------------------------------
+
+
+def test_batcher_is_fifo_per_task_and_puts_back_in_order() -> None:
+    b = BatchQueues()
+    a = [job("a") for _ in range(5)]
+    for j in a:
+        b.add(j)
+    b.add(x := job("x"))
+    assert b.waiting() == {"a": 5, "x": 1} and len(b) == 6
+    assert [(n, h) for n, h, _ in b.heads()] == [("a", a[0]), ("x", x)]
+    taken = b.take("a", 3)
+    assert taken == a[:3]
+    b.put_back(taken[1:])
+    assert list(b.queues["a"]) == [a[1], a[2], a[3], a[4]]
+    assert b.remove_if(lambda j: j is a[3]) == [a[3]]
+    assert b.take("a", 10) == [a[1], a[2], a[4]] and b.waiting() == {"x": 1}
