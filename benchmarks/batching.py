@@ -29,22 +29,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import importlib
 import os
-import shlex
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,39 +45,44 @@ if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` importab
     sys.path.insert(0, str(REPO))
 
 from benchmarks._batching_model import BATCH_SIZE, MAX_WAIT_MS, SERIALIZER_ENV, infer_batch  # noqa: E402
+from benchmarks._batching_profile import profiled  # noqa: E402
 from benchmarks._overhead_model import build_model, infer, make_inputs  # noqa: E402
-from benchmarks.overhead import (  # noqa: E402
-    READY_TIMEOUT,
-    REL_TOLERANCE,
-    RESULT_TIMEOUT,
+from benchmarks.harness import (  # noqa: E402
+    CpuSnapshot,
     Worker,
-    _exit_code,
-    _exit_on_sigterm,
-    celery_worker,
+    WorkerInfo,
+    batching_stats,
+    broker_cpu_probe,
+    check_outputs,
     child_env,
+    collect,
+    command_line,
+    cpu_per_item,
     descendants,
     emit,
+    exit_on_sigterm,
     machine,
     open_broker,
-    redact,
-    wait_result,
+    percentile,
+    round_trips,
+    run_guarded,
+    send,
+    source_after,
+    source_state,
+    started_worker,
 )
 
 PATHS = ("in_process", "batched_bulk", "batched_delay", "unbatched", "plain_celery")
 GPU_PATHS = ("batched_bulk", "batched_delay", "unbatched")  # served by one celery-gpu worker, one after another
 GPU_APP = "benchmarks._batching_gpu_app"
 PLAIN_APP = "benchmarks._overhead_plain_app"
+# The task of each path, by its name in the worker's app module (the plain app has no batched task).
+TASKS = {"batched_bulk": "mlp_batch", "batched_delay": "mlp_batch", "unbatched": "mlp", "plain_celery": "mlp"}
 PLAIN_PROCESSES = 2  # prefork children of the plain worker, as in overhead.py
 INPUT_POOL = 32  # distinct inputs, cycled through
 GOAL_RATIO = 20.0  # batched_bulk items/s over plain Celery's
 GOAL_IDLE_LATENCY_MS = 1.0  # batched p50 minus plain p50, at most
 WARM_ROUND_TRIPS = 10
-_LOUD = ("WARNING", "ERROR", "CRITICAL", "Traceback")
-# ``interval`` of ``ResultSet.get`` for the ``.delay`` paths. On a Redis backend Celery's ``ResultSet.get`` first
-# MGETs every result and, if one is not ready, sleeps ``interval`` once before it listens for the rest (0.5 s by
-# default). ``submit_many`` returns celery-gpu's ``ItemResults``, which does not sleep there: used as is.
-COLLECT_INTERVAL = 0.001
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
 @dataclass(frozen=True)
@@ -130,210 +128,7 @@ class PathResult:
         return out
 
 
-# -- CPU accounting ----------------------------------------------------------------------------------------
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one live process, from ``/proc/<pid>/stat`` (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime(11) stime(12)
-    return (int(fields[11]) + int(fields[12])) * TICK_S
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    """CPU seconds used so far by each party of a run."""
-
-    client: float  # this process (every thread)
-    worker_main: float | None = None  # the ``celery worker`` process: consumer, acks, the pool's dispatch
-    worker_children: dict[int, float] = field(default_factory=dict)  # device processes / prefork children
-    broker: float | None = None  # the Redis server (``INFO cpu``); shared with anything else using it
-
-    @classmethod
-    def take(cls, worker: Worker | None, broker_cpu: Callable[[], float | None]) -> CpuSnapshot:
-        times = os.times()
-        if worker is None:
-            return cls(times.user + times.system, broker=broker_cpu())
-        children = {pid: proc_cpu_s(pid) for pid in descendants(worker.proc.pid)}
-        return cls(times.user + times.system, proc_cpu_s(worker.proc.pid), children, broker_cpu())
-
-
-def cpu_per_item(before: CpuSnapshot, after: CpuSnapshot, items: int) -> dict[str, float | None]:
-    """Milliseconds of CPU per item between two snapshots, per party and in total."""
-
-    def ms(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else round(1000 * max(0.0, b - a) / items, 4)
-
-    out: dict[str, float | None] = {"client": ms(before.client, after.client)}
-    if after.worker_main is not None:
-        children = sum(cpu - before.worker_children.get(pid, 0.0) for pid, cpu in after.worker_children.items())
-        out["worker_main"] = ms(before.worker_main, after.worker_main)
-        out["worker_children"] = ms(0.0, children)
-    out["broker"] = ms(before.broker, after.broker)
-    out["total"] = round(sum(v for v in out.values() if v is not None), 4)
-    return out
-
-
-def broker_cpu_probe(app: Any) -> Callable[[], float | None]:
-    """A function returning the broker's CPU seconds (``INFO cpu`` of the result backend's Redis), or None."""
-
-    def probe() -> float | None:
-        try:
-            info = app.backend.client.info("cpu")
-            return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-        except Exception:  # not Redis, or no INFO: the broker's share is left out
-            return None
-
-    return probe
-
-
-# -- profiling the worker's main process -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def profiled(targets: dict[str, int], out_dir: Path | None, prefix: str) -> Iterator[dict[str, Any]]:
-    """Sample each ``{label: pid}`` with py-spy while inside (when ``out_dir`` is set): raw stacks to
-    ``out_dir/<prefix>.<label>.raw.txt``; the yielded dict gets a summary per label once it exits."""
-    summary: dict[str, Any] = {}
-    if out_dir is None:
-        yield summary
-        return
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
-    for label, pid in targets.items():
-        out = out_dir / f"{prefix}.{label}.raw.txt"
-        procs[label] = out, subprocess.Popen(
-            [py_spy, "record", "-p", str(pid), "-r", "100", "-f", "raw", "--nonblocking", "-o", str(out)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.5)  # attach before the measurement starts
-    try:
-        yield summary
-    finally:
-        for label, (out, proc) in procs.items():
-            proc.send_signal(signal.SIGINT)
-            try:
-                _, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            if out.exists():
-                summary[label] = {**summarize_profile(out), "raw": str(out)}
-            else:
-                summary[label] = {"error": err.decode(errors="replace")[-500:]}
-
-
-def summarize_profile(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Top functions of a py-spy ``raw`` (collapsed stacks) file: by own samples and by inclusive samples."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count_s = line.rpartition(" ")
-        if not stack or not count_s.isdigit():
-            continue
-        count = int(count_s)
-        total += count
-        frames = [_short_frame(f) for f in stack.split(";") if f]
-        if frames:
-            own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-
-    def shares(counter: Counter[str]) -> list[list[Any]]:
-        return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)] if total else []
-
-    return {"samples": total, "top_own_pct": shares(own), "top_inclusive_pct": shares(inclusive)}
-
-
-def _short_frame(frame: str) -> str:
-    """``"ack (kombu/transport/redis.py:123)"`` -> ``"ack (kombu/transport/redis.py)"``."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/src/", "/lib/python"):
-        if marker in where:
-            where = where.split(marker, 1)[1]
-            break
-    return f"{name} ({where})" if where else name
-
-
 # -- Celery paths --------------------------------------------------------------------------------------------
-
-
-def wait_ready(app_module: ModuleType, worker: Worker, processes: int) -> None:
-    """Block until every one of the worker's ``processes`` processes has run a task."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    seen: set[int] = set()
-    while len(seen) < processes:
-        batch = [app_module.whoami.delay(0.2) for _ in range(2 * processes)]
-        seen |= {int(wait_result(r, worker, deadline)) for r in batch}
-    worker.pids |= seen
-
-
-def collect(result_set: Any, worker: Worker) -> list[Any]:
-    """Every result of a ``ResultSet``, in order; fails if the worker dies or ``RESULT_TIMEOUT`` passes."""
-    deadline = time.monotonic() + RESULT_TIMEOUT
-
-    def on_interval() -> None:
-        worker.check_alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no results from {worker.hostname} in time:\n{worker.log_tail()}")
-
-    from celery_gpu.submit import ItemResults
-
-    extra = {} if isinstance(result_set, ItemResults) else {"interval": COLLECT_INTERVAL}
-    return list(result_set.get(timeout=RESULT_TIMEOUT, on_interval=on_interval, **extra))
-
-
-def send(task: Any, items: list[list[float]], bulk: bool) -> Any:
-    """Send one task per item: ``submit_many`` (bulk) or one ``.delay`` each; a ``ResultSet``."""
-    from celery.result import ResultSet
-
-    if bulk:
-        return task.submit_many(items)
-    return ResultSet([task.delay(x) for x in items], app=task.app)
-
-
-def round_trips(task: Any, inputs: list[list[float]], count: int, bulk: bool) -> list[float]:
-    """Seconds of each of ``count`` sequential single-item round trips (``.delay(x).get()``, or
-    ``submit_many([x]).get()`` for the bulk path)."""
-    times = []
-    for i in range(count):
-        x = inputs[i % len(inputs)]
-        started = time.perf_counter()
-        if bulk:
-            task.submit_many([x]).get(timeout=60)  # ItemResults: the user's plain call
-        else:
-            task.delay(x).get(timeout=60)
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def check_outputs(name: str, values: list[Any], expected: list[float]) -> None:
-    """Item ``i`` was ``expected[i % len(expected)]``: fail loudly on any difference beyond float rounding."""
-    if len(values) == 0:
-        raise RuntimeError(f"{name}: no results")
-    for i, value in enumerate(values):
-        want = expected[i % len(expected)]
-        if abs(float(value) - want) > REL_TOLERANCE * max(1.0, abs(want)):
-            raise RuntimeError(f"{name}: item {i} returned {value}, expected {want}")
-
-
-def batching_stats(app: Any, hostname: str, task_name: str) -> dict[str, Any]:
-    """The worker's batching counters of one task (``inspect stats`` → pool → batching); {} if none yet."""
-    replies = app.control.inspect([hostname], timeout=5.0).stats() or {}
-    if hostname not in replies:
-        raise RuntimeError(f"{hostname} did not answer inspect stats: {sorted(replies)}")
-    stats: dict[str, Any] = replies[hostname].get("pool", {}).get("batching", {}).get(task_name, {})
-    return stats
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure_celery(name: str, task: Any, worker: Worker, inputs: list[list[float]], reference: list[float],
@@ -393,51 +188,6 @@ def interleaved_latency(tasks: dict[str, Any], inputs: list[list[float]], count:
         print(f"  {name}: p50 {r.p50_ms:.2f} ms, p90 {r.p90_ms:.2f} ms", flush=True)
 
 
-def warm_up(name: str, tasks: list[Any], worker: Worker, inputs: list[list[float]], reference: list[float],
-            sizes: Sizes) -> None:
-    """Every input once through every task, then ``sizes.warmup`` items each; check every output."""
-    for task in tasks:
-        bulk = getattr(task, "gpu_batch", None) is not None
-        check_outputs(f"{name} {task.name}", collect(send(task, inputs, bulk), worker), reference)
-        items = [inputs[i % len(inputs)] for i in range(sizes.warmup)]
-        check_outputs(f"{name} {task.name}", collect(send(task, items, bulk), worker), reference)
-
-
-@dataclass
-class WorkerInfo:
-    ready_s: float
-    stop_s: float | None = None
-    left_behind: int | None = None
-
-
-@contextlib.contextmanager
-def started_worker(label: str, module_name: str, args: list[str], env: dict[str, str], processes: int,
-                   paths: list[str], inputs: list[list[float]], reference: list[float], sizes: Sizes,
-                   log_dir: Path) -> Iterator[tuple[Worker, dict[str, Any], WorkerInfo]]:
-    """Start one worker and warm it up; yields it with its tasks per path; stops it (stop time, leftovers)."""
-    app_module = importlib.import_module(module_name)
-    app_module.app.control.purge()  # leftovers of an interrupted run on a shared broker
-    started = time.monotonic()
-    with celery_worker(module_name, label, args, env, log_dir) as worker:
-        print(f"  waiting for {processes} process(es) of {worker.hostname} ...", flush=True)
-        wait_ready(app_module, worker, processes)
-        info = WorkerInfo(time.monotonic() - started)
-        print(f"  ready after {info.ready_s:.1f}s; warming up", flush=True)
-        batched = getattr(app_module, "mlp_batch", None)  # the plain app has no batched task
-        every = {"batched_bulk": batched, "batched_delay": batched, "unbatched": app_module.mlp,
-                 "plain_celery": app_module.mlp}
-        tasks = {p: every[p] for p in paths}
-        warm_up(label, list({id(t): t for t in tasks.values()}.values()), worker, inputs, reference, sizes)
-        yield worker, tasks, info
-        print(f"  stopping {worker.hostname}", flush=True)
-    info.stop_s, info.left_behind = worker.stop_s, worker.left_behind
-    # The worker logs at WARNING (its banner aside): any such line is worth a look.
-    logged = [line for line in worker.log_tail(400).splitlines() if any(w in line for w in _LOUD)]
-    if logged:
-        print(f"  {worker.hostname} logged {len(logged)} warning/error line(s); the last ones:", flush=True)
-        print("\n".join(f"    {line}" for line in logged[-10:]), flush=True)
-
-
 # -- in-process ceiling --------------------------------------------------------------------------------------
 
 
@@ -467,26 +217,6 @@ def in_process(model: Any, inputs: list[list[float]], reference: list[float], si
 
 
 # -- report --------------------------------------------------------------------------------------------------
-
-
-def source_state() -> dict[str, Any]:
-    """Which celery-gpu code ran: the git commit, the files of ``src/celery_gpu`` that differ from it, and a
-    digest of that directory's content (equal digests, same code, whatever the commit)."""
-    src = REPO / "src" / "celery_gpu"
-    digest = hashlib.sha256()
-    for path in sorted(src.rglob("*.py")):
-        digest.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes() + b"\0")
-    state: dict[str, Any] = {"src_digest": digest.hexdigest()[:16]}
-    try:
-        state["commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], check=True,
-                                         capture_output=True, text=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src/celery_gpu"],
-                                check=True, capture_output=True, text=True).stdout
-        state["src_changes"] = [line.strip() for line in status.splitlines() if line.strip()]
-    except (OSError, subprocess.CalledProcessError):
-        pass  # not a git checkout: the digest alone says which code ran
-    return state
-
 
 
 def report(results: dict[str, PathResult], workers: dict[str, WorkerInfo], sizes: Sizes, args: argparse.Namespace,
@@ -574,6 +304,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def start_workers(stack: contextlib.ExitStack, url: str, paths: list[str], args: argparse.Namespace,
+                  inputs: list[list[float]], reference: list[float], sizes: Sizes, log_dir: Path,
+                  workers: dict[str, WorkerInfo]) -> dict[str, tuple[Worker, Any]]:
+    """Start (and warm up) the workers that ``paths`` need, for as long as ``stack``; (worker, task) per path."""
+    started: list[tuple[str, Worker, dict[str, Any]]] = []
+    gpu_paths = [p for p in paths if p in GPU_PATHS]
+    if gpu_paths:
+        print(f"\n[celery-gpu worker: {', '.join(gpu_paths)}]", flush=True)
+        env = child_env(url, CELERY_GPU_DEVICES="cpu", CELERY_GPU_PER_DEVICE=str(args.per_device))
+        worker, tasks, workers["celery_gpu"] = stack.enter_context(started_worker(
+            "batching-gpu", GPU_APP, [], env, args.per_device, {p: TASKS[p] for p in gpu_paths}, inputs, reference,
+            sizes.warmup, log_dir))
+        started.append(("celery_gpu", worker, tasks))
+    if "plain_celery" in paths:
+        print("\n[plain Celery worker]", flush=True)
+        worker_args = ["--pool", "prefork", "--concurrency", str(PLAIN_PROCESSES)]
+        worker, tasks, workers["plain_celery"] = stack.enter_context(started_worker(
+            "batching-plain", PLAIN_APP, worker_args, child_env(url), PLAIN_PROCESSES,
+            {"plain_celery": TASKS["plain_celery"]}, inputs, reference, sizes.warmup, log_dir))
+        started.append(("plain_celery", worker, tasks))
+    by_path: dict[str, tuple[Worker, Any]] = {}
+    for _, worker, tasks in started:
+        by_path.update({p: (worker, t) for p, t in tasks.items()})
+    return by_path
+
+
 def run_paths(url: str, paths: list[str], sizes: Sizes, args: argparse.Namespace,
               ) -> tuple[dict[str, PathResult], dict[str, WorkerInfo]]:
     os.environ["OVERHEAD_BROKER"] = url  # read by the app modules when they are imported below
@@ -588,26 +344,9 @@ def run_paths(url: str, paths: list[str], sizes: Sizes, args: argparse.Namespace
         if "in_process" in paths:
             print("\n[in_process]", flush=True)
             results["in_process"] = in_process(model, inputs, reference, sizes)
-        gpu_paths = [p for p in paths if p in GPU_PATHS]
-        celery_paths = gpu_paths + [p for p in paths if p == "plain_celery"]
+        celery_paths = [p for p in paths if p in GPU_PATHS] + [p for p in paths if p == "plain_celery"]
         with contextlib.ExitStack() as stack:  # both workers up; only one of them busy at any time
-            started: list[tuple[str, Worker, dict[str, Any]]] = []
-            if gpu_paths:
-                print(f"\n[celery-gpu worker: {', '.join(gpu_paths)}]", flush=True)
-                env = child_env(url, CELERY_GPU_DEVICES="cpu", CELERY_GPU_PER_DEVICE=str(args.per_device))
-                worker, tasks, workers["celery_gpu"] = stack.enter_context(started_worker(
-                    "batching-gpu", GPU_APP, [], env, args.per_device, gpu_paths, inputs, reference, sizes, log_dir))
-                started.append(("celery_gpu", worker, tasks))
-            if "plain_celery" in paths:
-                print("\n[plain Celery worker]", flush=True)
-                worker_args = ["--pool", "prefork", "--concurrency", str(PLAIN_PROCESSES)]
-                worker, tasks, workers["plain_celery"] = stack.enter_context(started_worker(
-                    "batching-plain", PLAIN_APP, worker_args, child_env(url), PLAIN_PROCESSES, ["plain_celery"],
-                    inputs, reference, sizes, log_dir))
-                started.append(("plain_celery", worker, tasks))
-            by_path: dict[str, tuple[Worker, Any]] = {}
-            for _, worker, tasks in started:
-                by_path.update({p: (worker, t) for p, t in tasks.items()})
+            by_path = start_workers(stack, url, paths, args, inputs, reference, sizes, log_dir, workers)
             for name in celery_paths:
                 print(f"\n[{name}: throughput]", flush=True)
                 worker, task = by_path[name]
@@ -622,31 +361,23 @@ def run_paths(url: str, paths: list[str], sizes: Sizes, args: argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     sizes = Sizes.for_run(args.quick)
     paths = [p for p in PATHS if p in args.paths.split(",")]
-    shown = [redact(a) if "://" in a else a for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "benchmarks/batching.py", *shown])
+    command = command_line("batching.py", argv)
     started = time.monotonic()
     source = source_state()
     with contextlib.ExitStack() as stack:
         url, broker = open_broker(stack, args.broker)
         print(f"broker: {broker}; {os.cpu_count()} CPUs; sizes: {sizes}; serializer {args.serializer}; "
               f"{args.per_device} device process(es)", flush=True)
-        try:
-            results, workers = run_paths(url, paths, sizes, args)
-        except BaseException as exc:
-            code = _exit_code(exc)
-        else:
-            code = 0
         # As overhead.py: drop the failure's pending results while Redis still runs.
-        if code:
+        code, outcome = run_guarded(lambda: run_paths(url, paths, sizes, args))
+        if outcome is None:
             return code
+    results, workers = outcome
     summary = report(results, workers, sizes, args, broker, command)
-    after = source_state()
-    summary["source"] = {**source, "changed_during_run": after["src_digest"] != source["src_digest"]}
-    if summary["source"]["changed_during_run"]:
-        print("warning: src/celery_gpu changed while this ran: the figures mix two versions", file=sys.stderr)
+    summary["source"] = source_after(source)
     summary["total_s"] = round(time.monotonic() - started, 1)
     print(f"total time: {summary['total_s']:.1f}s")
     emit(summary, args.out)

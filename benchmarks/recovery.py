@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import signal
 import statistics
 import sys
@@ -44,14 +43,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.overhead import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     Worker,
     celery_worker,
     child_env,
+    command_line,
     emit,
     machine,
     open_broker,
-    redact,
 )
 
 APP = "benchmarks._recovery_app"
@@ -234,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the final JSON line here")
     args = parser.parse_args(argv)
     items, rounds, repeats = (500, 1, 2) if args.quick else (2000, 2, 5)
-    shown = [redact(a) if "://" in a else a for a in (sys.argv[1:] if argv is None else argv)]
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         url, broker = open_broker(stack, args.broker)
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run()
             print(f"{name}: {json.dumps(results[name])}", flush=True)
     summary = {"benchmark": "recovery", "quick": args.quick, "broker": broker, "machine": machine(),
-               "command": shlex.join(["python", "benchmarks/recovery.py", *shown]),
+               "command": command_line("recovery.py", argv),
                "seconds": round(time.monotonic() - started, 1), **results}
     emit(summary, args.out)
     return 0

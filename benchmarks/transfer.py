@@ -7,7 +7,7 @@ Two parts (``--part internal|e2e|all``, default all); the last line printed is o
 and a tiny answer comes back; the time of that round trip is the hand-off. Three ways, one after the other, same
 child start-up:
 
-1. ``shm``: celery-gpu's ``Channel`` as the pool uses it (``celery_gpu.frames``): the payload is written into a
+1. ``shm``: celery-gpu's ``Channel`` as the pool uses it (``celery_gpu.wire.frames``): the payload is written into a
    memfd segment shared with the child, the frame carries a reference, the child copies it out.
 2. ``socket``: the same ``Channel`` with shared memory turned off: the payload goes through the socket.
 3. ``pickle_pipe``: the usual Python way, a ``multiprocessing`` pipe of a spawned child: ``conn.send(payload)``
@@ -42,10 +42,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import multiprocessing
 import os
-import shlex
 import signal
 import socket
 import statistics
@@ -55,7 +53,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +60,25 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.batching import _LOUD, source_state, wait_ready  # noqa: E402
-from benchmarks.overhead import (  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
     RESULT_TIMEOUT,
     Worker,
-    _exit_code,
-    _exit_on_sigterm,
     celery_worker,
     child_env,
+    command_line,
+    emit,
+    exit_on_sigterm,
     machine,
     open_broker,
-    redact,
+    print_loud_lines,
+    run_guarded,
+    source_after,
+    source_state,
+    version,
+    wait_ready,
     wait_result,
 )
-from celery_gpu.frames import Channel  # noqa: E402
+from celery_gpu.wire.frames import Channel  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES_FULL = (KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB, 256 * MiB)
@@ -101,7 +103,7 @@ CHECK_TOLERANCE = 1e-9  # relative: the sampled sum is computed from the same fl
 
 CHILD = """
 import socket, sys
-from celery_gpu.frames import Channel
+from celery_gpu.wire.frames import Channel
 chan = Channel(socket.socket(fileno=int(sys.argv[1])), max_frame=1 << 30, shm_threshold=int(sys.argv[2]),
                landing=True)  # as the device process reads
 while True:
@@ -370,12 +372,7 @@ def run_e2e(url: str, sizes: tuple[int, ...], quick: bool, claim_threshold: int,
             print(f"  stopping {worker.hostname}", flush=True)
         info.stop_s = None if worker.stop_s is None else round(worker.stop_s, 2)
         info.left_behind = worker.left_behind
-        # The worker logs at WARNING (its banner aside): any such line is worth a look.
-        logged = [line for line in worker.log_tail(400).splitlines() if any(w in line for w in _LOUD)]
-        info.loud_log_lines = len(logged)
-        if logged:
-            print(f"  {worker.hostname} logged {len(logged)} warning/error line(s); the last ones:", flush=True)
-            print("\n".join(f"    {line}" for line in logged[-10:]), flush=True)
+        info.loud_log_lines = print_loud_lines(worker)
     return table, info
 
 
@@ -427,65 +424,46 @@ def claim_threshold(args: argparse.Namespace) -> int:
     if args.claim_threshold is not None:
         value = int(args.claim_threshold)
     elif os.environ.get(CLAIM_ENV):
-        from celery_gpu.devices import parse_memory
+        from celery_gpu.units import parse_memory
 
         value = parse_memory(os.environ[CLAIM_ENV])
     else:
-        from celery_gpu.claimcheck import DEFAULT_THRESHOLD
+        from celery_gpu.payload.claims import DEFAULT_THRESHOLD
 
         value = DEFAULT_THRESHOLD
     os.environ[CLAIM_ENV] = str(value)  # before the app and its serializers are imported
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    sizes = SIZES_QUICK if args.quick else SIZES_FULL
-    shown = [redact(a) if "://" in a else a for a in (sys.argv[1:] if argv is None else argv)]
-    command = shlex.join(["python", "benchmarks/transfer.py", *shown])
-    threshold = claim_threshold(args)
-    started = time.monotonic()
-    source = source_state()
-    internal: dict[str, dict[str, dict[str, float]]] | None = None
-    e2e: dict[str, dict[str, dict[str, float] | None]] | None = None
-    e2e_info: E2EInfo | None = None
-    broker: str | None = None
-    if args.part in ("internal", "all"):
-        print("[internal: main process -> device process]", flush=True)
-        internal = run_internal(sizes, args.quick)
-    if args.part in ("e2e", "all"):
-        with contextlib.ExitStack() as stack:
-            url, broker = open_broker(stack, args.broker)
-            print(f"\n[e2e: client -> {broker} -> worker -> device process -> result; claim threshold "
-                  f"{threshold} bytes]", flush=True)
-            try:
-                e2e, e2e_info = run_e2e(url, sizes, args.quick, threshold)
-            except BaseException as exc:
-                code = _exit_code(exc)
-            else:
-                code = 0
-            # As overhead.py: drop the failure's pending results while Redis still runs.
-            if code:
-                return code
+def internal_figures(internal: dict[str, dict[str, dict[str, float]]] | None,
+                     e2e: dict[str, dict[str, dict[str, float] | None]] | None) -> dict[str, float | None]:
+    """The headline figures: internal GB/s and ratios at 64 MiB, e2e ratios vs pickle at 64 MiB and 1 KiB."""
 
     def internal_ratio(other: str) -> float | None:
         if internal is None:
             return None
         return round(internal["shm"][human(64 * MiB)]["gbps"] / internal[other][human(64 * MiB)]["gbps"], 2)
 
-    figures: dict[str, float | None] = {
+    return {
         "internal_gbps_64mib": None if internal is None else internal["shm"][human(64 * MiB)]["gbps"],
         "internal_ratio_vs_pickle_pipe_64mib": internal_ratio("pickle_pipe"),
         "internal_ratio_vs_socket_64mib": internal_ratio("socket"),
         "e2e_ratio_vs_pickle_64mib": e2e_ratio(e2e, 64 * MiB),
         "e2e_ratio_vs_pickle_1kib": e2e_ratio(e2e, KiB),
     }
-    after = source_state()
-    result: dict[str, Any] = {
+
+
+def summarize(args: argparse.Namespace, sizes: tuple[int, ...], figures: dict[str, float | None],
+              internal: dict[str, dict[str, dict[str, float]]] | None,
+              e2e: dict[str, dict[str, dict[str, float] | None]] | None, e2e_info: E2EInfo | None,
+              threshold: int, source: dict[str, Any], broker: str | None, command: str,
+              started: float) -> dict[str, Any]:
+    """The final JSON object."""
+    source = source_after(source)
+    return {
         "benchmark": "transfer", "quick": args.quick, "part": args.part,
-        "machine": {**machine(), "numpy": _version("numpy"), "kombu": _version("kombu")},
-        "source": {**source, "changed_during_run": after["src_digest"] != source["src_digest"]},
+        "machine": {**machine(), "numpy": version("numpy"), "kombu": version("kombu")},
+        "source": source,
         "sizes": [human(s) for s in sizes],
         "paths": internal,
         "e2e": e2e,
@@ -502,28 +480,44 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "total_s": round(time.monotonic() - started, 1),
     }
-    if result["source"]["changed_during_run"]:
-        print("warning: src/celery_gpu changed while this ran: the figures mix two versions", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    sizes = SIZES_QUICK if args.quick else SIZES_FULL
+    command = command_line("transfer.py", argv)
+    threshold = claim_threshold(args)
+    started = time.monotonic()
+    source = source_state()
+    internal: dict[str, dict[str, dict[str, float]]] | None = None
+    e2e: dict[str, dict[str, dict[str, float] | None]] | None = None
+    e2e_info: E2EInfo | None = None
+    broker: str | None = None
+    if args.part in ("internal", "all"):
+        print("[internal: main process -> device process]", flush=True)
+        internal = run_internal(sizes, args.quick)
+    if args.part in ("e2e", "all"):
+        with contextlib.ExitStack() as stack:
+            url, broker = open_broker(stack, args.broker)
+            print(f"\n[e2e: client -> {broker} -> worker -> device process -> result; claim threshold "
+                  f"{threshold} bytes]", flush=True)
+            # As overhead.py: drop the failure's pending results while Redis still runs.
+            code, measured = run_guarded(lambda: run_e2e(url, sizes, args.quick, threshold))
+            if measured is None:
+                return code
+            e2e, e2e_info = measured
+    figures = internal_figures(internal, e2e)
+    result = summarize(args, sizes, figures, internal, e2e, e2e_info, threshold, source, broker, command, started)
     print()
     for name, value in figures.items():
         print(f"{name}: {value}")
     print(f"goals met: {result['goal']['met']}; total time {result['total_s']:.1f}s")
-    line = json.dumps(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(result, args.out)
     if e2e_info is not None and e2e_info.left_behind:
         print(f"error: {e2e_info.left_behind} process(es) of the worker outlived it", file=sys.stderr)
         return 1
     return 0
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
