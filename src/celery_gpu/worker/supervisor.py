@@ -56,7 +56,7 @@ class Supervisor:
     # -- starting ------------------------------------------------------------------------------------------------
 
     def attach(self, loop: HubLoop | ThreadLoop) -> None:
-        """Read the pipes (and run the watchdogs) on ``loop``."""
+        """Read the pipes on ``loop`` (the pool runs :meth:`tick` from its own timer)."""
         self.loop = loop
         for slot in self.slots:
             if slot.chan is not None:
