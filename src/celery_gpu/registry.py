@@ -12,10 +12,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .devices import Device
+
 __all__ = ["AppRecord", "SetupHook", "record_of"]
 
 #: A ``@gpu.setup`` hook: called with the process's :class:`~celery_gpu.devices.Device`.
-SetupHook = Callable[[Any], Any]
+SetupHook = Callable[[Device], Any]
 
 _records: weakref.WeakKeyDictionary[Any, AppRecord] = weakref.WeakKeyDictionary()
 

@@ -1,6 +1,6 @@
 """Fault injection for fake devices: OOM above a batch size, sticky errors, hangs, crashes, leaks, bad starts.
 
-So that every recovery of ``guard.py`` and the pool can be tested on a machine without a GPU. Faults are
+So that every recovery of ``recovery.py`` and the pool can be tested on a machine without a GPU. Faults are
 chosen per worker with the environment variable ``CELERY_GPU_FAULTS`` (the pool passes its environment to
 its device processes), a comma-separated list::
 
