@@ -47,13 +47,8 @@ class Outcomes:
         if job.terminated is not None:  # revoked with terminate while its batch ran: the result is discarded
             self.fail(job, Terminated(-job.terminated))
             return
-        if job.ended:
-            return
-        job.ended = True
         runtime = outcome["runtime"]
-        if job.slot is not None:
-            self.telemetry.ended(job.slot.device.label, outcome["failed"], runtime)
-        if job.callback is None:
+        if not self._end(job, outcome["failed"], runtime) or job.callback is None:
             return
         if outcome["failed"]:
             call_safely(job.callback, (1, rebuild_failure(outcome["exc"]), runtime))
@@ -63,13 +58,17 @@ class Outcomes:
     def fail(self, job: Job, exc: BaseException, runtime: float | None = None) -> None:
         """``job`` ends with ``exc`` (the pool's own verdict, not the task's): counted on its device once, and
         Celery's error callback."""
+        if self._end(job, True, runtime) and job.error_callback is not None:
+            call_safely(job.error_callback, rebuild_einfo(exc))
+
+    def _end(self, job: Job, failed: bool, runtime: float | None) -> bool:
+        """Mark ``job`` ended and count it on its device; False if it had ended already (told once)."""
         if job.ended:
-            return
+            return False
         job.ended = True
         if job.slot is not None:
-            self.telemetry.ended(job.slot.device.label, True, runtime)
-        if job.error_callback is not None:
-            call_safely(job.error_callback, rebuild_einfo(exc))
+            self.telemetry.ended(job.slot.device.label, failed, runtime)
+        return True
 
     def reject(self, job: Job, exc: BaseException) -> None:
         """A task that can never run here fails at once; it is accepted first, which acknowledges its message
