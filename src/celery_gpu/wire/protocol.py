@@ -295,26 +295,21 @@ def _outcome(obj: Any) -> Outcome:
     return out
 
 
-def _optional(frame: Any, d: dict[str, Any], *keys: str) -> None:
-    for key in keys:
-        if d.get(key) is not None:
-            frame[key] = _int(d[key])
+def _maybe_int(d: dict[str, Any], key: str) -> int | None:
+    return _int(d[key]) if d.get(key) is not None else None
 
 
 def _read_done(d: dict[str, Any]) -> DoneFrame:
-    peak = _int(d["peak"]) if d.get("peak") is not None else None
-    return done(_int(d.get("job"), -1), _outcome(d), _int(d.get("mem")), peak, _int(d.get("oom_splits")))
+    return done(_int(d.get("job"), -1), _outcome(d), _int(d.get("mem")), _maybe_int(d, "peak"),
+                _int(d.get("oom_splits")))
 
 
 def _read_batch_done(d: dict[str, Any]) -> BatchDoneFrame:
     items = d.get("items")
-    frame: BatchDoneFrame = {
-        "t": "batch_done", "job": _int(d.get("job"), -1), "calls": _int(d.get("calls")), "mem": _int(d.get("mem")),
-        # A malformed list stays recognisable as such (the pool fails every item of the batch by name).
-        "items": [_outcome(o) for o in items] if isinstance(items, list) else [],
-    }
-    _optional(frame, d, "peak_per_item", "oom_splits", "fit")
-    return frame
+    # A malformed list stays recognisable as such (empty: the pool fails every item of the batch by name).
+    outcomes = [_outcome(o) for o in items] if isinstance(items, list) else []
+    return batch_done(_int(d.get("job"), -1), outcomes, _int(d.get("calls")), _int(d.get("mem")),
+                      _maybe_int(d, "peak_per_item"), _int(d.get("oom_splits")), _int(d.get("fit")))
 
 
 def _read_ready(d: dict[str, Any]) -> ReadyFrame:
