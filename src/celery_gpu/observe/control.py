@@ -14,7 +14,7 @@ both with :func:`register_source` when it starts.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from celery import signals
 
@@ -62,8 +62,7 @@ def gpu(state: Any, **kwargs: Any) -> Status | dict[str, str]:
 
 def summary(status: Status) -> Summary:
     """The status without histograms (small enough for an event after every heartbeat)."""
-    return {"hostname": status["hostname"], "timestamp": status["timestamp"], "pending": status["pending"],
-            "devices": status["devices"], "batching": status["batching"], "memory": status["memory"]}
+    return cast(Summary, {k: v for k, v in status.items() if k != "histograms"})  # whatever else Status holds
 
 
 def _after_heartbeat(sender: Any = None, **_: Any) -> None:
