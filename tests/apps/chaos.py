@@ -25,10 +25,13 @@ app.conf.update(
     task_acks_late=os.environ.get("TEST_ACKS_LATE", "1") == "1",
     broker_connection_retry_on_startup=True,
     broker_heartbeat=float(os.environ.get("TEST_BROKER_HEARTBEAT", "120")),
+    worker_prefetch_multiplier=int(os.environ.get("TEST_PREFETCH_MULTIPLIER", "4")),  # 0: no prefetch limit
     # Redis: unacknowledged messages of a dead worker come back after the visibility timeout, looked for every
     # unacked_restore_interval x unacked_restore_throttle seconds (100 s by default; 1 s here).
     broker_transport_options={"visibility_timeout": float(os.environ.get("TEST_VISIBILITY_TIMEOUT", "3600")),
-                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+                              # a worker killed while it holds the restore lock would stall restores for 300 s
+                              "unacked_mutex_expire": 5},
     result_expires=3600,
 )
 gpu = GPU(app)

@@ -84,12 +84,23 @@ def test_random_kills_lose_nothing(redis_broker: Broker, tmp_path: Path) -> None
 def test_worker_main_process_killed_with_acks_late(which: str, redis_broker: Broker, rabbit_broker: Broker,
                                                    tmp_path: Path) -> None:
     """SIGKILL the worker's main process mid-run (acks_late): its device processes die with it, and a new
-    worker completes every task."""
+    worker completes every task.
+
+    On Redis the kill waits until the worker holds every message (no prefetch limit, the queue empty): kombu's
+    ``BRPOP`` loses a message when the main process dies between the pop and the unacked-index write, a window
+    this test would otherwise hit now and then; closing it is its own item (issue 17, item 2) with its own test.
+    """
     broker = redis_broker if which == "redis" else rabbit_broker
     env = {"TEST_ACKS_LATE": "1", "TEST_VISIBILITY_TIMEOUT": "5"}
+    if which == "redis":
+        env["TEST_PREFETCH_MULTIPLIER"] = "0"
     w = start(broker, tmp_path, env=env)
     results = task(w, "work").submit_many(range(300), kwargs={"pause": 0.05})
     assert wait_until(lambda: len(ledger(w)) >= 3, 30), w.log()
+    if which == "redis":
+        with w.app.connection_for_read() as conn:
+            client = conn.default_channel.client
+            assert wait_until(lambda: client.llen(w.queue) == 0, 30), "the worker never took every message"
     children = list(slot_pids(w).values())
     assert w.proc is not None
     w.proc.send_signal(signal.SIGKILL)
@@ -100,7 +111,8 @@ def test_worker_main_process_killed_with_acks_late(which: str, redis_broker: Bro
     again = start(broker, tmp_path, env={**env, "TEST_LEDGER": w.env["TEST_LEDGER"]}, queue=w.queue)
     try:
         values = [outcome(r, timeout=120) for r in results.results]
-        assert [v["item"] if isinstance(v, dict) else repr(v) for v in values] == list(range(300)), again.log()
+        wrong = {i: v for i, v in enumerate(values) if not (isinstance(v, dict) and v["item"] == i)}
+        assert not wrong, f"{len(wrong)} of 300 wrong, e.g. {list(wrong.items())[:5]}\n{again.log()[-6000:]}"
     finally:
         again.stop()
 
