@@ -12,11 +12,12 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_gpu import GPU
+from tests.brokers import redis_url
 
 app = Celery("basic")
 app.conf.update(
-    broker_url=os.environ.get("TEST_BROKER", "redis://127.0.0.1:6379/14"),
-    result_backend=os.environ.get("TEST_BACKEND", "redis://127.0.0.1:6379/15"),
+    broker_url=os.environ.get("TEST_BROKER") or redis_url(14),
+    result_backend=os.environ.get("TEST_BACKEND") or redis_url(15),
     task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
     task_acks_late=True,
     worker_prefetch_multiplier=1,

@@ -16,11 +16,12 @@ from typing import Any
 from celery import Celery
 
 from celery_gpu import GPU, faults
+from tests.brokers import redis_url
 
 app = Celery("chaos")
 app.conf.update(
-    broker_url=os.environ.get("TEST_BROKER", "redis://127.0.0.1:6379/14"),
-    result_backend=os.environ.get("TEST_BACKEND", "redis://127.0.0.1:6379/15"),
+    broker_url=os.environ.get("TEST_BROKER") or redis_url(14),
+    result_backend=os.environ.get("TEST_BACKEND") or redis_url(15),
     task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
     task_acks_late=os.environ.get("TEST_ACKS_LATE", "1") == "1",
     broker_connection_retry_on_startup=True,

@@ -32,7 +32,7 @@ from celery_gpu.payload.claims import (
     unwrap,
     wrap,
 )
-from tests.brokers import REDIS_HOST, REDIS_PORT, require
+from tests.brokers import REDIS_HOST, REDIS_PORT, redis_db, redis_url, require
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
 
@@ -45,9 +45,9 @@ def _cleanup(client: Any, prefix: str) -> None:
 
 @pytest.fixture()
 def machine_redis() -> Iterator[Any]:
-    """The machine's Redis, db 13 (skips without it, fails under CI=true)."""
+    """The test Redis, the suite's db 13 (skips without it, fails under CI=true)."""
     require(REDIS_HOST, REDIS_PORT, "Redis")
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db(13))
     yield client
     client.close()
 
@@ -284,7 +284,7 @@ def test_file_store_expiry_and_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_store_for_app_uses_the_redis_result_backend(make_app: Callable[..., Celery]) -> None:
-    app = make_app(broker_url="memory://", result_backend=f"redis://{REDIS_HOST}:{REDIS_PORT}/13")
+    app = make_app(broker_url="memory://", result_backend=redis_url(13))
     store = redis_store_for_app(app)
     assert isinstance(store, RedisStore) and store.client is app.backend.client
 
