@@ -45,6 +45,6 @@ def test_package_and_user_code_are_mypy_clean(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed")
 def test_ruff_is_clean() -> None:
-    run = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"],
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks", "examples"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -1,0 +1,1 @@
+"""Examples of celery-gpu services (not part of the installed package)."""
