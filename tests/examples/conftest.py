@@ -96,7 +96,7 @@ def stop_service(service: Service) -> None:
     assert service.worker.stop() == 0, service.log()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference() -> Any:
     """The in-process model, as its package loads it (sentence-transformers), on the CPU."""
     require_example_packages()

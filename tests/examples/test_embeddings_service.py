@@ -7,6 +7,7 @@ The tests share one service (module fixture); the last one stops its worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -130,6 +131,11 @@ def test_worker_down_gets_503_within_the_timeout(service: Service) -> None:
     assert "no worker answered within" in response.json()["detail"]
     assert response.headers["retry-after"]
     assert TIMEOUT_S - 0.5 <= elapsed <= TIMEOUT_S + 3, elapsed
+    # The unanswered task waits in the queue with an expiry, so a worker that comes back discards it unrun.
+    with service.worker.app.connection_for_read() as conn:
+        raw = conn.default_channel.client.lrange(service.worker.queue, 0, -1)
+    waiting = [json.loads(m)["headers"] for m in raw]
+    assert [h["task"] for h in waiting] == ["embeddings.embed"] and waiting[0]["expires"], waiting
     health = httpx.get(f"{service.url}/health", timeout=10)
     assert health.status_code == 503 and "no worker answered" in health.json()["detail"]
     assert service.api.poll() is None, "the API keeps serving"
