@@ -81,21 +81,21 @@ def version(dist: str) -> str | None:
         return None
 
 
-async def send_all(handle: Any, items: list[list[float]]) -> list[float]:
+async def send_all(handle: Any, items: list[Any]) -> list[Any]:
     """Every item at once (one request each), all awaited; the values in order."""
     responses = [handle.remote(x) for x in items]
-    return [float(v) for v in await asyncio.gather(*responses)]
+    return list(await asyncio.gather(*responses))
 
 
-async def open_loop(handle: Any, inputs: list[list[float]], rate: float, count: int) -> dict[str, Any]:
+async def open_loop(handle: Any, inputs: list[Any], rate: float, count: int) -> dict[str, Any]:
     """Item ``i`` sent at ``t0 + i / rate`` whatever came back; latency counted from the scheduled time."""
     loop = asyncio.get_running_loop()
     latencies = [0.0] * count
     lags = [0.0] * count
-    values = [0.0] * count
+    values: list[Any] = [None] * count
 
     async def one(i: int, at: float, response: Any) -> None:
-        values[i] = float(await response)
+        values[i] = await response
         latencies[i] = time.perf_counter() - at
 
     pending = []

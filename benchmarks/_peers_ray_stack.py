@@ -31,6 +31,7 @@ class RayStack(Stack):
     own children, deploys the model and runs the commands it is sent; it is the client, its children the worker."""
 
     label = "ray_serve"
+    module = "benchmarks._peers_ray"  # the client script, run as ``python -m module``
 
     def __init__(self, proc: subprocess.Popen[str], log_path: Path, replies: queue.Queue[str | None],
                  hello: dict[str, Any], ready_s: float) -> None:
@@ -44,15 +45,19 @@ class RayStack(Stack):
 
     @classmethod
     @contextlib.contextmanager
-    def started(cls, python: str, broker: str, log_dir: Path) -> Iterator[RayStack]:
-        """Start the client (and so the cluster); always stop both on the way out (leftovers killed)."""
+    def started(cls, python: str, broker: str, log_dir: Path, args: list[str] | None = None,
+                **env: str) -> Iterator[RayStack]:
+        """Start the client (and so the cluster); always stop both on the way out (leftovers killed). ``args``
+        replace the client's default arguments (``--temp-dir`` is added); ``env`` is added to its environment."""
         log_path = log_dir / "ray-serve.log"
         temp_dir = Path(tempfile.mkdtemp(prefix="peers-ray-"))  # short: Ray puts unix sockets under it
-        cmd = [python, "-m", "benchmarks._peers_ray", "--replicas", str(PROCESSES), "--num-cpus", str(PROCESSES),
-               "--max-ongoing", str(RAY_MAX_ONGOING), "--pool", str(INPUT_POOL), "--temp-dir", str(temp_dir)]
+        if args is None:
+            args = ["--replicas", str(PROCESSES), "--num-cpus", str(PROCESSES), "--max-ongoing", str(RAY_MAX_ONGOING),
+                    "--pool", str(INPUT_POOL)]
+        cmd = [python, "-m", cls.module, *args, "--temp-dir", str(temp_dir)]
         started = time.monotonic()
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=peer_env(broker, RAY_USAGE_STATS_ENABLED="0"),
+            proc = subprocess.Popen(cmd, cwd=REPO, env=peer_env(broker, RAY_USAGE_STATS_ENABLED="0", **env),
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                     bufsize=1, start_new_session=True)
         # harness.Worker for its stop(): SIGTERM, SIGKILL after a while, then whatever outlived it is killed.

@@ -53,11 +53,11 @@ class Service:
         return self.worker.log() + "\n--- api ---\n" + self.api_log.read_text(errors="replace")
 
 
-def start_service(broker: Broker, tmp: Path) -> Service:
+def start_service(broker: Broker, tmp: Path, devices: str = "cpu") -> Service:
     queue = f"embeddings-{os.getpid()}-{time.monotonic_ns() % 10**8}"
     env = {"EMBED_BROKER": broker.broker_url, "EMBED_BACKEND": broker.backend_url, "EMBED_QUEUE": queue,
            "EMBED_TIMEOUT": str(TIMEOUT_S)}
-    worker = Worker(broker, tmp, devices="cpu", per_device=1, extra_env=env, app_module="examples.embeddings.worker",
+    worker = Worker(broker, tmp, devices=devices, per_device=1, extra_env=env, app_module="examples.embeddings.worker",
                     queue=queue).start()
     port = free_port()
     api_log = tmp / "api.log"
