@@ -95,7 +95,7 @@ class Sizes:
     @classmethod
     def for_run(cls, quick: bool, device: str) -> Sizes:
         if device == "cuda":
-            return cls(2048, 2, 1000, 2, 256, 512) if quick else cls(6144, 3, 3000, 3, 512, 512)
+            return cls(2048, 2, 600, 2, 256, 512) if quick else cls(6144, 3, 3000, 3, 512, 512)
         return cls(384, 2, 160, 2, 64, 256) if quick else cls(1024, 3, 600, 3, 128, 512)
 
 
@@ -201,7 +201,7 @@ def warm_up(stacks: dict[str, Stack], figures: dict[str, PathFigures], pool: lis
         print(f"  {name}: warmed up ({len(values)} items, largest difference {diff:.1e})", flush=True)
 
 
-def measure(stacks: dict[str, Stack], figures: dict[str, PathFigures], in_process: InProcess, pool: list[str],
+def measure(stacks: dict[str, Stack], figures: dict[str, PathFigures], in_process: InProcess | None, pool: list[str],
             reference: Any, sizes: Sizes, tolerance: float, diffs: dict[str, float]) -> None:
     """Throughput rounds, every path once per round, the order rotating."""
     items = [pool[i % len(pool)] for i in range(sizes.items)]
@@ -209,7 +209,7 @@ def measure(stacks: dict[str, Stack], figures: dict[str, PathFigures], in_proces
         print(f"\n[throughput, round {round_no + 1}/{sizes.rounds}: {sizes.items} items per path]", flush=True)
         for name in rotate(list(figures), round_no):
             settle()
-            if name == "in_process":
+            if in_process is not None and name == "in_process":
                 run = in_process.round(items, BATCH)
             else:
                 run = stacks[figures[name].stack].measured(name, items)
@@ -273,8 +273,11 @@ def run_paths(setup: Setup, paths: list[str]) -> dict[str, Any]:
             memory = Memory.of(s.tree(), s.root())
             info[label] = {"ready_s": round(s.ready_s, 1), "settings": s.settings, "rss_mb": memory.rss_mb,
                            "processes": memory.processes}
-        in_process = InProcess("cuda:0" if args.devices == "cuda" else "cpu", args.dtype, args.per_device, embedder)
-        stack.callback(in_process.close)
+        in_process = None
+        if "in_process" in figures:
+            in_process = InProcess("cuda:0" if args.devices == "cuda" else "cpu", args.dtype, args.per_device,
+                                   embedder)
+            stack.callback(in_process.close)
         measure(stacks, figures, in_process, pool, reference, sizes, tolerance, diffs)
         rate, basis = (args.rate, "--rate") if args.rate else auto_rate(figures)
         latency(stacks, figures, pool, reference, sizes, rate, tolerance)

@@ -161,7 +161,8 @@ class CeleryBridge:
         if error is not None:  # stop listening for the rest (a result that never comes would be kept for ever)
             for result in request.results:
                 result.backend.remove_pending_result(result)
-        request.loop.call_soon_threadsafe(_resolve, request.future, request.values, error)
+        with contextlib.suppress(RuntimeError):  # its event loop is closed already: nobody waits any more
+            request.loop.call_soon_threadsafe(_resolve, request.future, request.values, error)
 
 
 def _resolve(future: asyncio.Future[list[Any]], values: list[Any], error: BaseException | None) -> None:
