@@ -73,6 +73,7 @@ class Failure(TypedDict):
     requeue: bool  # Reject(requeue=...)
     traceback: str
     internal: bool  # billiard's ExceptionInfo.internal
+    repr: str  # what Celery's task events show of it (prefork's ``exception`` field); "" when unknown
 
 
 class _Outcome(TypedDict):
@@ -185,10 +186,10 @@ FromDevice = ReadyFrame | HeartbeatFrame | PoisonedFrame | SetupFailedFrame | Do
 
 
 def failure(type_: str, module: str, message: str, *, kind: FailureFlow = "error", requeue: bool = False,
-            traceback: str = "", internal: bool = False) -> Failure:
-    """A :class:`Failure` record."""
+            traceback: str = "", internal: bool = False, shown: str = "") -> Failure:
+    """A :class:`Failure` record (``shown``: its ``repr`` field)."""
     return {"kind": kind, "type": type_, "module": module, "message": message, "requeue": requeue,
-            "traceback": traceback, "internal": internal}
+            "traceback": traceback, "internal": internal, "repr": shown}
 
 
 def failed_outcome(exc: Failure, runtime: float = 0.0) -> Outcome:
@@ -280,7 +281,8 @@ def _failure(obj: Any) -> Failure:
     kind = d.get("kind")
     return failure(str(d.get("type") or "Exception"), str(d.get("module") or "builtins"), str(d.get("message", "")),
                    kind=kind if kind in _KINDS else "error", requeue=bool(d.get("requeue")),
-                   traceback=str(d.get("traceback") or ""), internal=bool(d.get("internal")))
+                   traceback=str(d.get("traceback") or ""), internal=bool(d.get("internal")),
+                   shown=str(d.get("repr") or ""))
 
 
 def _outcome(obj: Any) -> Outcome:

@@ -54,7 +54,7 @@ def test_reading_fills_every_field_a_confused_process_left_out() -> None:
     done = protocol.read({"t": "done", "failed": True, "exc": {"message": 5}})
     assert done == {"t": "done", "job": -1, "mem": 0, "failed": True, "runtime": 0.0,
                     "exc": {"kind": "error", "type": "Exception", "module": "builtins", "message": "5",
-                            "requeue": False, "traceback": "", "internal": False}}
+                            "requeue": False, "traceback": "", "internal": False, "repr": ""}}
     batch = protocol.read({"t": "batch_done", "job": 2, "items": "not a list", "calls": None})
     assert batch == {"t": "batch_done", "job": 2, "calls": 0, "mem": 0, "items": []}
     odd = protocol.read({"t": "batch_done", "job": 2, "items": [None, {"failed": False, "retval": "x"}]})
