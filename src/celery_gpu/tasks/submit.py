@@ -55,6 +55,18 @@ class GPUTaskMixin:
                 options["kwargsrepr"] = brief
         return super().apply_async(args, kwargs, **options)  # type: ignore[misc]
 
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+              eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
+        """Celery's ``Task.retry``; inside a batched task's call it retries every item of the call, each as its own
+        Celery retry (see :mod:`celery_gpu.tasks.batched`)."""
+        task: Any = self
+        if getattr(task.request, "in_batch_call", False):
+            from .batched import retry_call
+
+            return retry_call(task, args, kwargs, exc, throw, eta, countdown, max_retries, options)
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)  # type: ignore[misc]
+
     def submit_many(
         self, items: Iterable[Any], *, kwargs: dict[str, Any] | None = None, chunk: int = 1000, **options: Any,
     ) -> ItemResults:
