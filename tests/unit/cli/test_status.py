@@ -102,7 +102,9 @@ def test_render_empty_cluster_says_so() -> None:
 
 def test_render_lists_workers_without_celery_gpu() -> None:
     text = status.render({}, others={"old@h": {"error": "KeyError('gpu')"}})
-    assert "old@h: error KeyError('gpu')" in text
+    assert "old@h: not a celery-gpu worker" in text
+    assert "error" not in status.render({}, others={"old@h": {"error": "No such command: gpu"}})
+    assert "new@h: error RuntimeError('x')" in status.render({}, others={"new@h": {"error": "RuntimeError('x')"}})
 
 
 class _Control:
