@@ -367,13 +367,15 @@ class StartSpec:
     slot: int
     fd: int  # the inherited socket
     max_frame: int
+    threads: int | None = None  # CPU threads of a CPU-device process (torch.set_num_threads); None: unchanged
 
     def dumps(self) -> str:
         """The JSON put in :data:`SPEC_ENV`."""
         a = self.app
         return json.dumps({"app": a.app, "modules": a.modules, "sys_path": a.sys_path, "hostname": a.hostname,
                            "loglevel": a.loglevel, "logfile": a.logfile, "fd": self.fd,
-                           "device": self.device.to_wire(), "slot": self.slot, "max_frame": self.max_frame})
+                           "device": self.device.to_wire(), "slot": self.slot, "max_frame": self.max_frame,
+                           "threads": self.threads})
 
     @classmethod
     def loads(cls, text: str) -> StartSpec:
@@ -381,4 +383,6 @@ class StartSpec:
         d = json.loads(text)
         app = AppSpec(str(d["app"]), list(d["modules"]), list(d["sys_path"]), str(d["hostname"]),
                       int(d["loglevel"]), d.get("logfile"))
-        return cls(app, Device.from_wire(d["device"]), int(d["slot"]), int(d["fd"]), int(d["max_frame"]))
+        threads = d.get("threads")
+        return cls(app, Device.from_wire(d["device"]), int(d["slot"]), int(d["fd"]), int(d["max_frame"]),
+                   int(threads) if threads else None)
