@@ -170,3 +170,28 @@ def test_self_retry_in_a_batched_call_honours_each_items_count_countdown_and_exc
         n.get(timeout=30)
 
 
+
+
+# -- item 9: what the status command says of a worker without celery-gpu --------------------------------------
+
+
+def test_status_names_a_plain_celery_worker_as_such(worker: Worker, prefork: Worker) -> None:
+    from celery_gpu.cli import status
+
+    replies = status.fetch(worker.app, timeout=2.0, destination=[worker.name, prefork.name])
+    assert list(replies.workers) == [worker.name]
+    text = status.render(replies.workers, 120, others=replies.others)
+    assert f"{prefork.name}: not a celery-gpu worker" in text, (text, replies.others)
+
+
+def test_an_unregistered_task_fails_with_celerys_not_registered_as_on_prefork(worker: Worker, prefork: Worker) -> None:
+    from celery.exceptions import NotRegistered
+
+    events = record_events(worker.app, seconds=60)
+    results = [w.app.send_task(T + "no_such_task", args=[1]) for w in (worker, prefork)]
+    for r in results:
+        with pytest.raises(NotRegistered):  # stored by Celery's consumer: the client waiting on it is told
+            r.get(timeout=30)
+        _wait_event(events, r.id, "task-failed")
+    ours, theirs = (_by_type(events, r.id)["task-failed"][0]["exception"] for r in results)
+    assert ours == theirs == f"NotRegistered('{T}no_such_task')"
