@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BatchResultMismatch
-from ..tasks.batched import BatchCallRetry, BatchOptions
+from ..tasks.batched import BatchCallRetry, BatchOptions, BatchRequest
 from . import memory
 from .context import DeviceContext, current
 from .recovery import out_of_memory, triage
@@ -84,5 +84,8 @@ def _split(ctx: DeviceContext, task: Any, items: list[Any], kwargs: dict[str, An
 
 
 def call_alone(task: Any, items: list[Any], kwargs: dict[str, Any]) -> list[Any]:
-    """A batched task's call outside a batch (eager mode, a direct call), with this process's context."""
-    return call_batch(current(), task, items, kwargs)
+    """A batched task's call outside a batch (eager mode, a direct call), with this process's context; a function
+    that takes the task sees ``self.request.batch`` (its one item's request) as in a worker."""
+    bound = task.gpu_batch.bind
+    requests = [BatchRequest(vars(task.request), args=list(items), kwargs=kwargs)] if bound else None
+    return call_batch(current(), task, items, kwargs, requests)
