@@ -1,11 +1,11 @@
-"""The worker's HTTP endpoint (``--metrics-port``, ``--metrics-address``): three paths, one daemon thread.
+"""The worker's HTTP endpoint (``--metrics-port``, ``--metrics-address``): three paths, served from daemon threads.
 
 ==============  ===========================================================================================
 path            answer
 ==============  ===========================================================================================
 ``/metrics``    the Prometheus metrics of the pool (:mod:`celery_gpu.observe.metrics`; 503 and a hint without
                 the ``prometheus`` extra)
-``/ready``      200 when the worker is ready (:mod:`celery_gpu.observe.health`: its consumer is connected and
+``/ready``      200 when the worker is ready (:mod:`celery_gpu.observe.health`: its consumer has connected and
                 every device process takes work), else 503; a JSON body says what it waits for. A readiness probe.
 ``/health``     200 while the pool's loop publishes its snapshot (at most ``stale_after`` seconds old), else
                 503: a liveness probe (a worker whose loop is stuck answers 503).

@@ -152,7 +152,7 @@ class _Families:
         """Every metric of ``snap``."""
         for device in snap["devices"]:
             self.add_device(device)
-        ready_doc = "1 when the worker's consumer is connected and every device process takes work."
+        ready_doc = "1 when the worker's consumer has connected and every device process takes work."
         self.add("gauge", "celery_gpu_worker_ready", ready_doc, {}, 1 if snap.get("ready") else 0)
         pending_doc = "Tasks and batch items waiting in the pool."
         self.add("gauge", "celery_gpu_pending_tasks", pending_doc, {}, snap["pending"])

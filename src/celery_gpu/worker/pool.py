@@ -79,7 +79,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.published: Status | None = None  # the latest status(), for readers on other threads
         self._publish_at = 0.0
         self._exporter: Any = None
-        self._consumer_ready = False  # Celery's worker_ready: the consumer is connected
+        self._consumer_ready = False  # Celery's worker_ready: the consumer has connected
         self._announced = False  # the worker's readiness was logged (and told to systemd) once
 
     # -- Celery's pool API ------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             notify_systemd(f"READY=1\nSTATUS={len(self.slots)} device process(es) take work")
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
-        """Celery's ``worker_ready``: this pool's consumer is connected (half of the worker's readiness)."""
+        """Celery's ``worker_ready``: this pool's consumer has connected (half of the worker's readiness)."""
         if getattr(sender, "pool", None) is self:
             self._consumer_ready = True
 
