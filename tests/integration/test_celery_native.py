@@ -149,9 +149,9 @@ def test_self_retry_in_a_batched_call_retries_each_item_as_its_own_task(worker: 
 
 
 def test_self_retry_in_a_batched_call_honours_each_items_count_countdown_and_exc(worker: Worker) -> None:
-    naps = occupy(worker, 1.5)  # both processes busy: the two items wait and leave in one call
+    events = record_events(worker.app, seconds=60)  # (it waits for a heartbeat: before the naps start)
+    naps = occupy(worker, 2.0)  # both processes busy: the two items wait and leave in one call
     since = time.time()
-    events = record_events(worker.app, seconds=60)
     spent = worker.app.send_task(T + "retry_spent", args=[10], retries=1)  # its one retry is used up
     fresh = worker.app.send_task(T + "retry_spent", args=[20])
     for r in (spent, fresh):
