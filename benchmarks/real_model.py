@@ -153,7 +153,7 @@ class Setup:
 def start_stacks(stack: contextlib.ExitStack, setup: Setup, paths: list[str]) -> dict[str, Stack]:
     """Every worker (and the Ray cluster) that ``paths`` need, started; a peer that does not start is skipped."""
     args, stacks = setup.args, {}
-    model_env = {"EMBED_DTYPE": args.dtype, "EMBED_TORCH_THREADS": "1", "EMBED_BATCH": str(BATCH),
+    model_env = {"EMBED_DTYPE": args.dtype, "CELERY_GPU_CPU_THREADS": "1", "EMBED_BATCH": str(BATCH),
                  "EMBED_MAX_WAIT_MS": str(MAX_WAIT_MS), "EMBED_BROKER": setup.url, "EMBED_QUEUE": GPU_QUEUE}
     gpu_paths = [p for p in paths if p.startswith("celery_gpu")]
     if gpu_paths:

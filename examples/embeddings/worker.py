@@ -57,12 +57,8 @@ gpu = GPU(app)
 
 @gpu.setup
 def load(device: Device) -> None:
-    """Load the model once per device process, onto that process's device, and run it once."""
-    if device.kind != "cuda":
-        import torch
-
-        # Each device process on the CPU gets its own share of the cores (one by default).
-        torch.set_num_threads(int(os.environ.get("EMBED_TORCH_THREADS", "1")))
+    """Load the model once per device process, onto that process's device, and run it once. (On the CPU device
+    the pool gives each process its share of the cores: ``--cpu-threads``.)"""
     embedder = Embedder(device.torch, dtype=os.environ.get("EMBED_DTYPE", "float32"))
     embedder(["warm-up"])  # the first pass's allocations and kernel choices happen here, not in a request
     device.state["embedder"] = embedder
