@@ -8,15 +8,15 @@ import base64
 import contextlib
 import inspect
 import os
+import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._peers_celery import ResultListener
+from benchmarks._peers_celery import _final_state
 from benchmarks._peers_ray_stack import RAY_TIMEOUT, RayStack
 from benchmarks._peers_stack import OpenLoop, Run, Stack
 from benchmarks.harness import (
@@ -116,43 +116,76 @@ class CeleryModelStack(Stack):
     def open_loop(self, path: str, inputs: list[Any], rate: float, count: int) -> OpenLoop:
         task = self.tasks[path]
         if path == "celery_gpu_bulk":
-            return celery_open_loop(task, lambda x, tid: task.submit_many([x], task_id=tid).results[0],
-                                    self.worker, inputs, rate, count)
-        return celery_open_loop(task, lambda x, tid: task.apply_async((x,), task_id=tid), self.worker, inputs, rate,
-                                count)
+            return celery_open_loop(task, lambda x: task.submit_many([x]).results[0], self.worker, inputs, rate, count)
+        return celery_open_loop(task, lambda x: task.delay(x), self.worker, inputs, rate, count)
 
 
-def celery_open_loop(task: Any, send_one: Callable[[Any, str], Any], worker: Worker, inputs: list[Any], rate: float,
+class ArrivalListener(threading.Thread):
+    """Notes when each task's result is published (Celery's Redis backend publishes every stored result on the
+    channel named by its key): one pattern subscription on the result keys, made before anything is sent, so
+    no task id has to be chosen by the sender; the arrival time at the client, without Celery's consumer."""
+
+    def __init__(self, backend: Any) -> None:
+        super().__init__(name="arrival-listener", daemon=True)
+        prefix = backend.task_keyprefix
+        self.prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+        self.arrived: dict[str, float] = {}
+        self._stop_event = threading.Event()
+        self._pubsub = backend.client.pubsub()
+        self._pubsub.psubscribe(self.prefix + "*")
+        deadline = time.monotonic() + 30
+        while (message := self._pubsub.get_message(timeout=1.0)) is None or message["type"] != "psubscribe":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the result pattern was not subscribed in 30 s")
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                message = self._pubsub.get_message(timeout=0.2)
+                if message is None or message["type"] != "pmessage":
+                    continue
+                now = time.perf_counter()
+                channel = message["channel"]
+                key = channel.decode() if isinstance(channel, bytes) else str(channel)
+                if _final_state(message["data"]):
+                    self.arrived.setdefault(key[len(self.prefix):], now)
+        finally:
+            self._pubsub.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+
+def celery_open_loop(task: Any, send_one: Callable[[Any], Any], worker: Worker, inputs: list[Any], rate: float,
                      count: int) -> OpenLoop:
-    """Item ``i`` sent at ``t0 + i / rate`` with a task id chosen here, so that its result channel is subscribed
-    before it is sent; latency from the scheduled time to the result message's arrival on its Redis channel."""
+    """Item ``i`` sent at ``t0 + i / rate`` whatever came back; latency from that scheduled time to its result's
+    publication (:class:`ArrivalListener`). Then every result is read back through Celery (and checked)."""
     from celery.result import ResultSet
 
-    backend = task.app.backend
-    ids = [str(uuid.uuid4()) for _ in range(count)]
-    keys = [backend.get_key_for_task(i) for i in ids]
-    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
-    listener = ResultListener(backend.client, keys)
+    listener = ArrivalListener(task.app.backend)
     listener.start()
     results: list[Any] = []
     lags = [0.0] * count
     t0 = time.perf_counter() + 0.05
     try:
-        for i, task_id in enumerate(ids):
+        for i in range(count):
             at = t0 + i / rate
             wait = at - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
             lags[i] = time.perf_counter() - at
-            results.append(send_one(inputs[i % len(inputs)], task_id))
+            results.append(send_one(inputs[i % len(inputs)]))
         values = collect(ResultSet(results, app=task.app), worker)
-        listener.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(r.id not in listener.arrived for r in results) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         listener.stop()
-    missing = [k for k in keys if k not in listener.arrived]
+    missing = [r.id for r in results if r.id not in listener.arrived]
     if missing:
         raise RuntimeError(f"{len(missing)} result messages of {worker.hostname} never arrived")
-    return OpenLoop([listener.arrived[k] - (t0 + i / rate) for i, k in enumerate(keys)], lags, values)
+    return OpenLoop([listener.arrived[r.id] - (t0 + i / rate) for i, r in enumerate(results)], lags, values)
 
 
 def wait_pool_ready(app: Any, worker: Worker) -> None:
