@@ -130,12 +130,14 @@ def _serve(ctx: DeviceContext, app: Any, chan: Channel, send: Send, device: Devi
             return
         if kind == "cancel":
             continue  # came after its batch had already ended
+        chan.trim()  # new work: the pool has read our last reply (a huge result's pages go back)
         reply: Any = run_batch(ctx, app, frame, hostname, chan) if kind == "batch" else run_task(ctx, app, frame,
                                                                                               hostname)
         reply["mem"] = memory.in_use(ctx, device.kind)  # the pool recycles a process whose memory grows too far
         send(reply)
         del reply
         del frame  # drop the frame's views of the landing buffer before the next read, so it is reused
+        chan.trim_landing()  # unless it is huge: then it goes, not kept for good after one big body
 
 
 def main() -> None:
