@@ -39,9 +39,12 @@ def decode(ctx: DeviceContext, app: Any, name: str, item: protocol.Item) -> tupl
     body = item["body"]
     if isinstance(body, memoryview) and item["content_encoding"] not in ("binary", "ascii-8bit"):
         body = bytes(body)  # text serializers want bytes; binary ones (arrays, msgpack) decode the view itself
-    decoded = loads(  # type: ignore[no-untyped-call]
-        body, item["content_type"], item["content_encoding"], accept=_accept(ctx, app),
-    )
+    if item["content_type"] is None and isinstance(body, (list, tuple)):
+        decoded = body  # Celery decoded it already (a protocol-1 message, converted by its strategy)
+    else:
+        decoded = loads(  # type: ignore[no-untyped-call]
+            body, item["content_type"], item["content_encoding"], accept=_accept(ctx, app),
+        )
     problem = body_problem(decoded)
     if problem is not None:
         raise MalformedTaskMessage(problem)

@@ -73,3 +73,15 @@ def test_a_malformed_item_fails_alone_in_its_batch(app: tuple[Celery, Any, Any])
         assert bad["failed"] and bad["exc"]["type"] == "MalformedTaskMessage" and words in bad["exc"]["message"]
         assert celery.AsyncResult(f"bad-{i}").state == "FAILURE"
     assert done["calls"] == 1, "one call for the good items; none for the bad ones"
+
+
+def test_a_body_celery_decoded_already_runs(app: tuple[Celery, Any, Any]) -> None:
+    """A protocol-1 message reaches the pool decoded (no content type): it runs as it is, plain or batched."""
+    celery, plain, batched = app
+    item = protocol.item("p1-1", {"id": "p1-1"}, [[4], {}, None], None, None)  # type: ignore[arg-type]
+    done = run_task(DeviceContext(), celery, {"t": "run", "job": 1, "name": plain.name, **item}, "unit@test")
+    assert not done["failed"] and done["retval"] == "5", done
+    items = [protocol.item(f"p1-b{i}", {"id": f"p1-b{i}"}, ([i], {}, None), None, None)  # type: ignore[arg-type]
+             for i in range(2)]
+    frame: Any = {"t": "batch", "job": 2, "name": batched.name, "items": items}
+    assert [o["retval"] for o in run_batch(DeviceContext(), celery, frame, "unit@test")["items"]] == ["0", "10"]
