@@ -63,16 +63,17 @@ REFUSED: list[tuple[str, bytes, str, str, str]] = [
 ]
 
 
-def publish(w: Any, name: str, body: bytes, content_type: str, encoding: str) -> str:
-    """Put one raw message on the worker's queue, as a Celery client would, but with this body; its id."""
+def publish(w: Any, name: str | None, body: bytes, content_type: str, encoding: str, **extra: Any) -> str:
+    """Put one raw message on the worker's queue, as a Celery client would, but with this body (no task name in
+    its headers when ``name`` is None; ``extra`` headers added); its id."""
     task_id = f"malformed-{uuid.uuid4().hex[:12]}"
+    headers = {"lang": "py", "task": name, "id": task_id, "root_id": task_id, "retries": 0, "argsrepr": "()",
+               "kwargsrepr": "{}", "origin": "test", "ignore_result": False, **extra}
+    if name is None:
+        del headers["task"]
     with w.app.producer_or_acquire() as producer:
-        producer.publish(
-            body, routing_key=w.queue, exchange="", content_type=content_type, content_encoding=encoding,
-            serializer=None, retry=True,
-            headers={"lang": "py", "task": name, "id": task_id, "root_id": task_id, "retries": 0,
-                     "argsrepr": "()", "kwargsrepr": "{}", "origin": "test", "ignore_result": False},
-        )
+        producer.publish(body, routing_key=w.queue, exchange="", content_type=content_type, content_encoding=encoding,
+                         serializer=None, retry=True, headers=headers)
     return task_id
 
 
@@ -116,6 +117,9 @@ def test_malformed_bodies_fail_by_name_and_kill_no_process(which: str, redis_bro
                 sent[publish(w, name, json.dumps(body).encode(), JSON, "utf-8")] = (f"{name} {label}", word)
             for label, raw, content_type, encoding, word in REFUSED:
                 sent[publish(w, name, raw, content_type, encoding)] = (f"{name} {label}", word)
+        # No task name in the headers (Celery's "unknown message"), and a bad ETA (Celery's own InvalidTaskError).
+        sent[publish(w, None, b"[[1], {}, {}]", JSON, "utf-8")] = ("no task name", "name no task")
+        sent[publish(w, TASKS[0], b"[[1], {}, {}]", JSON, "utf-8", eta="not a date")] = ("bad eta", "ETA")
         got = failures(w, list(sent))
         wrong = {what: bad for task_id, (what, word) in sent.items() if (bad := malformed(got[task_id], word))}
         assert not wrong, f"{len(wrong)} of {len(sent)}: {json.dumps(wrong, indent=1)}\n{w.log()[-3000:]}"
