@@ -19,6 +19,7 @@ max_attempts          ``gpu_max_attempts``         ``CELERY_GPU_MAX_ATTEMPTS``  
 dead_letter_queue     ``gpu_dead_letter_queue``    ``CELERY_GPU_DEAD_LETTER_QUEUE`` (none)
 heartbeat_timeout     ``gpu_heartbeat_timeout``    ``CELERY_GPU_HEARTBEAT_TIMEOUT`` ``60`` (0: off)
 recycle_memory        ``gpu_recycle_memory``       ``CELERY_GPU_RECYCLE_MEMORY``    ``0`` (off)
+cpu_threads           ``gpu_cpu_threads``          ``CELERY_GPU_CPU_THREADS``       ``0`` (auto)
 ====================  ===========================  ===============================  =========
 """
 
@@ -61,6 +62,9 @@ class Settings:
             (its tasks run again elsewhere); 0 turns the watchdog off. Task time limits act on their own.
         recycle_memory: a device process holding more device memory than this after a task is replaced
             (leaks); 0 turns it off. ``--max-tasks-per-child`` recycles after N tasks.
+        cpu_threads: CPU threads of each process on the CPU device (torch, OpenMP, MKL, OpenBLAS); 0: the
+            worker's ``OMP_NUM_THREADS`` if set, else its cores divided among the CPU device's processes
+            (:mod:`celery_gpu.worker.threads`).
     """
 
     devices: str = "all"
@@ -77,6 +81,7 @@ class Settings:
     dead_letter_queue: str = ""
     heartbeat_timeout: float = 60.0
     recycle_memory: int = 0
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -91,6 +96,8 @@ class Settings:
             raise ValueError(f"heartbeat_timeout must be >= 0, got {self.heartbeat_timeout}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
 
     @classmethod
     def from_app(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:

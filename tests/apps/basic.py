@@ -40,6 +40,9 @@ def load(device: Any) -> None:
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {device.label}\n")
     time.sleep(float(os.environ.get("TEST_SETUP_SLEEP", "0")))  # a slow model load: no time limit applies
+    gate = os.environ.get("TEST_SETUP_GATE")  # a model load that ends when the test says so (the file exists)
+    while gate and not os.path.exists(gate):
+        time.sleep(0.05)
     if os.environ.get("TEST_SETUP_FAIL") in (device.label, "all"):
         raise RuntimeError(f"setup refused on {device.label}")
 
@@ -158,6 +161,15 @@ def torch_here() -> str:
     import torch
 
     return str(torch.__version__)
+
+
+@gpu.task
+def thread_budget() -> dict[str, Any]:
+    """The CPU threads this device process's torch uses, and the thread variables it started with."""
+    import torch
+
+    return {"torch": torch.get_num_threads(), "pid": os.getpid(),
+            **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
 
 
 @app.task

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ..devices import Device
+from ..observe.health import readiness
 from ..observe.readings import Readings
 from ..observe.snapshot import DeviceInfo, DeviceStatus, SlotStatus, Status
 from ..observe.telemetry import Telemetry
@@ -41,13 +42,16 @@ def _device_status(device: Device, slots: list[Slot], scheduler: Scheduler, tele
 
 
 def status(hostname: str, devices: list[Device], slots: list[Slot], scheduler: Scheduler, telemetry: Telemetry,
-           readings: Readings) -> Status:
-    """The whole picture of a pool: devices with live readings, processes, counters, batching, histograms."""
-    return {
-        "hostname": hostname, "timestamp": time.time(), "pending": len(scheduler),
+           readings: Readings, consumer_ready: bool = True) -> Status:
+    """The whole picture of a pool: readiness, devices with live readings, processes, counters, batching,
+    histograms."""
+    snap: Status = {
+        "hostname": hostname, "timestamp": time.time(), "ready": False, "waiting_for": [], "pending": len(scheduler),
         "devices": [_device_status(d, slots, scheduler, telemetry, readings) for d in devices],
         "batching": scheduler.batching(), "histograms": telemetry.histograms(), "memory": scheduler.book.info(),
     }
+    snap["ready"], snap["waiting_for"] = readiness(snap, consumer_ready)
+    return snap
 
 
 def stats(devices: list[Device], slots: list[Slot], scheduler: Scheduler) -> dict[str, Any]:
