@@ -103,8 +103,9 @@ class GPU(AppRecord):
     def setup(self, fn: SetupHook) -> SetupHook:
         """Register ``fn(device)`` to run once per device process before it takes any task.
 
-        Use it to load models (``device.state["model"] = ...``). It has no time limit; if it raises,
-        the error and traceback are logged and the device is marked failed instead of restarted in a loop.
+        Use it to load models (``device.state["model"] = ...``). The process's whole start (importing the app,
+        then the hooks) has ``gpu_setup_timeout`` seconds (600 by default); if a hook raises, or the start takes
+        longer, the error is logged and the device is marked failed instead of restarted in a loop.
         """
         self._setup_hooks.append(fn)
         return fn

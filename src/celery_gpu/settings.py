@@ -19,6 +19,10 @@ max_attempts          ``gpu_max_attempts``         ``CELERY_GPU_MAX_ATTEMPTS``  
 dead_letter_queue     ``gpu_dead_letter_queue``    ``CELERY_GPU_DEAD_LETTER_QUEUE`` (none)
 heartbeat_timeout     ``gpu_heartbeat_timeout``    ``CELERY_GPU_HEARTBEAT_TIMEOUT`` ``60`` (0: off)
 recycle_memory        ``gpu_recycle_memory``       ``CELERY_GPU_RECYCLE_MEMORY``    ``0`` (off)
+setup_timeout         ``gpu_setup_timeout``        ``CELERY_GPU_SETUP_TIMEOUT``     ``600`` (0: off)
+sticky_limit          ``gpu_sticky_limit``         ``CELERY_GPU_STICKY_LIMIT``      ``3`` (0: off)
+sticky_window         ``gpu_sticky_window``        ``CELERY_GPU_STICKY_WINDOW``     ``600``
+oom_cap_quiet         ``gpu_oom_cap_quiet``        ``CELERY_GPU_OOM_CAP_QUIET``     ``300`` (0: never)
 ====================  ===========================  ===============================  =========
 """
 
@@ -61,6 +65,15 @@ class Settings:
             (its tasks run again elsewhere); 0 turns the watchdog off. Task time limits act on their own.
         recycle_memory: a device process holding more device memory than this after a task is replaced
             (leaks); 0 turns it off. ``--max-tasks-per-child`` recycles after N tasks.
+        setup_timeout: seconds a device process may take from its start to ``ready`` (importing the app and
+            running the ``@gpu.setup`` hooks); one that takes longer is killed and its device marked failed,
+            as when a hook raises. 0 turns it off.
+        sticky_limit: sticky CUDA errors on one device within ``sticky_window`` seconds after which the device
+            is taken out of service (quarantined); 0 turns it off (each process is only replaced).
+        sticky_window: the window of ``sticky_limit``, in seconds.
+        oom_cap_quiet: seconds without an out-of-memory split after which the batch cap that a split set for a
+            task on a device doubles (again after each further period, until it is gone); 0 keeps caps for
+            the worker's lifetime.
     """
 
     devices: str = "all"
@@ -77,6 +90,10 @@ class Settings:
     dead_letter_queue: str = ""
     heartbeat_timeout: float = 60.0
     recycle_memory: int = 0
+    setup_timeout: float = 600.0
+    sticky_limit: int = 3
+    sticky_window: float = 600.0
+    oom_cap_quiet: float = 300.0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -91,6 +108,9 @@ class Settings:
             raise ValueError(f"heartbeat_timeout must be >= 0, got {self.heartbeat_timeout}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
+        for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_app(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:

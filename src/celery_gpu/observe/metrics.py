@@ -26,6 +26,7 @@ celery_gpu_process_restarts_total          counter    host, device, slot   Resta
 celery_gpu_oom_splits_total                counter    host, device         Batches split after running out of memory
 celery_gpu_task_reruns_total               counter    host, device         Tasks run again after their process died
 celery_gpu_leak_recycles_total             counter    host, device         Processes replaced for holding too much
+celery_gpu_sticky_errors_total             counter    host, device         Sticky CUDA errors (processes poisoned)
 celery_gpu_pending_tasks                   gauge      host                 Tasks and batch items waiting in the pool
 celery_gpu_batch_waiting_items             gauge      host, task           Items waiting for a batch
 celery_gpu_batches_total                   counter    host, task           Batches run
@@ -200,6 +201,9 @@ class _Families:
         self.add("counter", "celery_gpu_leak_recycles_total",
                  "Device processes replaced for holding more device memory than gpu_recycle_memory.", labels,
                  counters.get("leak_recycles", 0))
+        self.add("counter", "celery_gpu_sticky_errors_total",
+                 "Sticky CUDA errors reported by the device's processes (each replaced the process).", labels,
+                 counters.get("sticky_errors", 0))
         for slot in dev["slots"]:
             slot_labels = {**labels, "slot": str(slot["slot"])}
             up = slot["pid"] is not None and slot["state"] not in _SLOT_DOWN

@@ -35,6 +35,7 @@ class Counters(TypedDict):
     oom_splits: int
     reruns: int
     leak_recycles: int
+    sticky_errors: int
 
 
 class _SlotInfo(TypedDict):

@@ -54,6 +54,7 @@ class Telemetry:
         self.oom_splits: dict[str, int] = defaultdict(int)
         self.reruns: dict[str, int] = defaultdict(int)  # tasks queued again after their process died
         self.leak_recycles: dict[str, int] = defaultdict(int)  # processes replaced for holding too much memory
+        self.sticky_errors: dict[str, int] = defaultdict(int)  # sticky CUDA errors reported by its processes
         self.queue_wait: dict[str, Histogram] = {}
         self.run_time: dict[str, Histogram] = {}
         self.batch_size: dict[str, Histogram] = {}
@@ -81,7 +82,7 @@ class Telemetry:
             "succeeded": self.succeeded[device], "failed": self.failed[device],
             "restarts": sum(n for (d, _), n in self.restarts.items() if d == device),
             "oom_splits": self.oom_splits[device], "reruns": self.reruns[device],
-            "leak_recycles": self.leak_recycles[device],
+            "leak_recycles": self.leak_recycles[device], "sticky_errors": self.sticky_errors[device],
         }
 
     def histograms(self) -> Histograms:

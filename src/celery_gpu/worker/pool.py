@@ -33,6 +33,7 @@ from ..tasks.batched import BatchOptions
 from ..wire import protocol
 from ..wire.appref import locate_app
 from . import snapshot
+from .admission import MemoryBook
 from .loop import HubLoop, ThreadLoop, call_safely
 from .outcomes import Outcomes
 from .process import Slot
@@ -60,7 +61,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.settings = Settings.from_app(app.conf if app is not None else None)
         self.devices: list[Device] = discover(self.settings.devices)
         self.slots = [Slot(d, k) for d in self.devices for k in range(self.settings.per_device)]
-        self.scheduler = Scheduler(self.devices)
+        self.scheduler = Scheduler(self.devices, MemoryBook(quiet=self.settings.oom_cap_quiet))
         self.telemetry = Telemetry()
         self.outcomes = Outcomes(app, self.settings, self.telemetry, self.scheduler.book)
         self.supervisor = Supervisor(self.slots, self.settings, self.scheduler, self.outcomes, self.telemetry,

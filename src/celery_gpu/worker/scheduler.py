@@ -113,13 +113,13 @@ class BatchQueues:
 class Scheduler:
     """The pool's waiting work and devices' memory; owned by the pool's loop thread."""
 
-    def __init__(self, devices: list[Device]) -> None:
+    def __init__(self, devices: list[Device], book: MemoryBook | None = None) -> None:
         self.devices = devices
         self.pending: deque[Job] = deque()  # plain GPU tasks, FIFO
         self.queues = BatchQueues()  # items of batched tasks, FIFO per task
         self.reserved = {d.label: 0 for d in devices}  # declared memory of the work running on each device
         self.quarantined: dict[str, str] = {}  # device label -> why it takes no more work
-        self.book = MemoryBook()
+        self.book = book or MemoryBook()
         self._stats: dict[str, list[int]] = {}  # task name -> [batches, items, calls]
 
     # -- devices -------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def _snapshot() -> dict[str, Any]:
             {"slot": 1, "pid": 1235, "state": "idle", "task": None, "tasks_done": 2, "restarts": 0},
             {"slot": 2, "pid": None, "state": "starting", "task": None, "tasks_done": 0, "restarts": 0},
         ],
-        "counters": {"succeeded": 10, "failed": 2, "restarts": 1, "oom_splits": 3, "reruns": 5, "leak_recycles": 2},
+        "counters": {"succeeded": 10, "failed": 2, "restarts": 1, "oom_splits": 3, "reruns": 5, "leak_recycles": 2,
+                     "sticky_errors": 4},
     }
     fake = {
         "device": "fake:0", "name": "fake", "kind": "fake",
@@ -153,6 +154,8 @@ def test_counters() -> None:
     assert _value(s, "celery_gpu_oom_splits_total", device="cuda:0") == 3
     assert _value(s, "celery_gpu_task_reruns_total", device="cuda:0") == 5
     assert _value(s, "celery_gpu_leak_recycles_total", device="cuda:0") == 2
+    assert _value(s, "celery_gpu_sticky_errors_total", device="cuda:0") == 4
+    assert _value(s, "celery_gpu_sticky_errors_total", device="fake:0") == 0, "an older worker's snapshot: 0"
     assert _value(s, "celery_gpu_task_reruns_total", device="fake:0") == 0, "an older worker's snapshot: 0"
     assert "celery_gpu_tasks_total_total" not in text
 

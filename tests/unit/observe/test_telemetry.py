@@ -33,8 +33,9 @@ def test_telemetry_counts_per_device_and_task() -> None:
     t.batch("proj.embed", 64)
     t.reruns["fake:0"] += 3
     t.leak_recycles["fake:0"] += 1
+    t.sticky_errors["fake:0"] += 2
     assert t.counters("fake:0") == {"succeeded": 1, "failed": 1, "restarts": 2, "oom_splits": 0, "reruns": 3,
-                                    "leak_recycles": 1}
+                                    "leak_recycles": 1, "sticky_errors": 2}
     assert t.counters("fake:1")["succeeded"] == 1
     hist = t.histograms()
     assert hist["queue_wait_seconds"]["fake:0"]["count"] == 1
