@@ -23,6 +23,7 @@ setup_timeout         ``gpu_setup_timeout``        ``CELERY_GPU_SETUP_TIMEOUT`` 
 sticky_limit          ``gpu_sticky_limit``         ``CELERY_GPU_STICKY_LIMIT``      ``3`` (0: off)
 sticky_window         ``gpu_sticky_window``        ``CELERY_GPU_STICKY_WINDOW``     ``600``
 oom_cap_quiet         ``gpu_oom_cap_quiet``        ``CELERY_GPU_OOM_CAP_QUIET``     ``300`` (0: never)
+cost_in_result        ``gpu_cost_in_result``       ``CELERY_GPU_COST_IN_RESULT``    ``False``
 ====================  ===========================  ===============================  =========
 """
 
@@ -36,6 +37,7 @@ from .units import parse_memory
 
 __all__ = ["MAX_FRAME", "Settings"]
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
 #: Largest frame accepted on a device-process pipe by default: a whole Celery message body travels in one frame.
 MAX_FRAME = 1 << 30
 
@@ -74,6 +76,8 @@ class Settings:
         oom_cap_quiet: seconds without an out-of-memory split after which the batch cap that a split set for a
             task on a device doubles (again after each further period, until it is gone); 0 keeps caps for
             the worker's lifetime.
+        cost_in_result: store each task's (or batch item's) share of its call's device time and energy in its
+            result meta (``gpu_cost``); the totals per task are in the metrics and ``celery-gpu status`` anyway.
     """
 
     devices: str = "all"
@@ -94,6 +98,7 @@ class Settings:
     sticky_limit: int = 3
     sticky_window: float = 600.0
     oom_cap_quiet: float = 300.0
+    cost_in_result: bool = False
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -125,6 +130,8 @@ class Settings:
                 continue
             if f.name in ("max_frame", "claim_threshold", "recycle_memory"):
                 values[f.name] = parse_memory(raw)
+            elif f.type in ("bool", bool):
+                values[f.name] = raw if isinstance(raw, bool) else str(raw).strip().lower() in _TRUE
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("float", float):

@@ -167,15 +167,31 @@ def _worker_lines(node: str, snapshot: Snapshot, widths: Sequence[int], width: i
         lines.append(_row(_device_cells(device), widths))
         if device.get("quarantined"):
             lines.append(f"{_INDENT * 2}QUARANTINED: {device.get('reason') or 'no reason given'}")
-    batching = snapshot.get("batching")
-    if isinstance(batching, dict) and batching:
-        tails = {task: f"  mean batch {_fmt(_dict(stats).get('mean_batch'), '6.1f')}"
-                       f"  waiting {_fmt(_dict(stats).get('waiting'), '4.0f')}" for task, stats in batching.items()}
-        room = width - len(_INDENT + "batch ") - max(len(tail) for tail in tails.values())
-        names = min(max(len(str(task)) for task in tails), max(room, _MIN_NAME))
-        for task in sorted(tails, key=str):
-            lines.append(f"{_INDENT}batch {_clip(str(task), names).ljust(names)}{tails[task]}")
+    batching = _dict(snapshot.get("batching"))
+    lines.extend(_task_lines("batch", {task: f"  mean batch {_fmt(_dict(stats).get('mean_batch'), '6.1f')}"
+                                             f"  waiting {_fmt(_dict(stats).get('waiting'), '4.0f')}"
+                                       for task, stats in batching.items()}, width))
+    lines.extend(_task_lines("cost ", {task: _cost_tail(_dict(cost))
+                                       for task, cost in _dict(snapshot.get("costs")).items()}, width))
     return lines
+
+
+def _cost_tail(cost: Mapping[str, Any]) -> str:
+    """``  N items  X ms/item  Y J/item`` (``-`` where a figure is unknown)."""
+    items = _num(cost.get("items")) or 0
+    seconds, joules = _num(cost.get("device_s")), _num(cost.get("energy_j"))
+    per_ms = seconds * 1000 / items if items and seconds is not None else None
+    per_j = joules / items if items and joules is not None else None
+    return f"  {items:6.0f} items {_fmt(per_ms, '.2f'):>8} ms/item {_fmt(per_j, '.2f'):>6} J/item"
+
+
+def _task_lines(kind: str, tails: Mapping[Any, str], width: int) -> list[str]:
+    """One line per task: ``kind``, the task's name (cut to fit ``width``) and its ``tails`` entry."""
+    if not tails:
+        return []
+    room = width - len(_INDENT + kind + " ") - max(len(tail) for tail in tails.values())
+    names = min(max(len(str(task)) for task in tails), max(room, _MIN_NAME))
+    return [f"{_INDENT}{kind} {_clip(str(task), names).ljust(names)}{tails[task]}" for task in sorted(tails, key=str)]
 
 
 def _other(reply: object) -> str:

@@ -43,6 +43,7 @@ class _Calls:
 
     outcome: dict[int, Any] = field(default_factory=dict)
     elapsed: dict[int, float] = field(default_factory=dict)
+    share: dict[int, tuple[float, float | None]] = field(default_factory=dict)  # its call's cost ÷ its items
     peak_per_item: int | None = None
 
 
@@ -97,17 +98,21 @@ def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[p
         if not callable_members:
             continue
         first = callable_members[0]
-        started = time.monotonic()
+        started, mark = time.monotonic(), ctx.cost_mark()
         memory.start_peak(ctx)
         results = call_batch(ctx, first.task, [d.args[0] for d in callable_members], first.kwargs,
                              [items[d.index]["request"] for d in callable_members])
         took = time.monotonic() - started
+        n = len(callable_members)
+        seconds, joules = ctx.cost_since(mark)
+        share = (seconds / n, None if joules is None else joules / n)
         peak = memory.peak(ctx)
         if peak is not None:
-            calls.peak_per_item = max(calls.peak_per_item or 0, -(-peak // len(callable_members)))
+            calls.peak_per_item = max(calls.peak_per_item or 0, -(-peak // n))
         for d, result in zip(callable_members, results, strict=True):
             calls.outcome[d.index] = result
             calls.elapsed[d.index] = took
+            calls.share[d.index] = share
     return calls
 
 
@@ -122,12 +127,14 @@ def _trace_all(ctx: DeviceContext, app: Any, groups: list[list[_Decoded]], items
                 done[d.index] = {"failed": True, "cancelled": True, "runtime": took, "exc": _TERMINATED}
                 continue
             batched.outcomes[item["uuid"]] = calls.outcome[d.index]
+            ctx.item_cost = calls.share.get(d.index)
             linked = any((item["request"].get(k) or (d.embed or {}).get(k)) for k in _LINKED)
             try:
                 with store.direct() if linked else nullcontext():
                     outcome = trace(ctx, app, d.task, item, d.args, d.kwargs, d.embed, hostname)
             finally:
                 batched.outcomes.pop(item["uuid"], None)
+                ctx.item_cost = None
             outcome["runtime"] = took + float(outcome.get("runtime") or 0.0)
             done[d.index] = outcome
 
@@ -154,4 +161,5 @@ def run_batch(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame, hostname
     outcomes = [o for o in done if o is not None]
     assert len(outcomes) == len(items), "every item is refused, cancelled or traced"
     splits, fit = ctx.take_oom_stats()
-    return protocol.batch_done(frame["job"], outcomes, ctx.calls - calls_before, 0, calls.peak_per_item, splits, fit)
+    return protocol.batch_done(frame["job"], outcomes, ctx.calls - calls_before, 0, calls.peak_per_item, splits, fit,
+                               ctx.take_cost())

@@ -23,10 +23,11 @@ from typing import Any
 
 from ..devices import Device, set_current
 from ..registry import record_of
+from ..settings import Settings
 from ..wire import protocol
 from ..wire.appref import import_app
 from ..wire.frames import Channel
-from . import context, faults, memory
+from . import context, cost, faults, memory
 from .batch import run_batch
 from .context import DeviceContext
 from .tracing import run_task
@@ -104,7 +105,7 @@ def _prepare(spec: protocol.StartSpec, send: Send) -> DeviceContext:
     # Celery's log format names the process, as prefork's children: here host, device and slot
     # ("[...: INFO/celery@gpu-3/cuda:1#0] Task proj.embed[<id>] succeeded"), so merged logs stay attributable.
     multiprocessing.current_process().name = f"{spec.app.hostname}/{device.label}#{spec.slot}"
-    return context.install(DeviceContext(faults=injected, on_sticky=_on_sticky(send)))
+    return context.install(DeviceContext(faults=injected, on_sticky=_on_sticky(send), meter=cost.meter_for(device)))
 
 
 def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
@@ -120,6 +121,8 @@ def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
         record = record_of(app)
         for hook in record.setup_hooks if record is not None else ():
             hook(spec.device)
+        if Settings.from_app(app.conf).cost_in_result:
+            cost.record_in_results(app.backend, lambda: ctx.item_cost)
     except BaseException as exc:
         send(protocol.setup_failed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(protocol.EXIT_SETUP_FAILED)

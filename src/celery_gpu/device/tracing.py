@@ -88,5 +88,6 @@ def run_task(ctx: DeviceContext, app: Any, frame: protocol.RunFrame, hostname: s
             outcome = trace(ctx, app, task, frame, args, kwargs, embed, hostname)
     finally:
         ctx.in_task = False
+        ctx.item_cost = None
     splits, _ = ctx.take_oom_stats()
-    return protocol.done(frame["job"], outcome, 0, memory.peak(ctx), splits)
+    return protocol.done(frame["job"], outcome, 0, memory.peak(ctx), splits, ctx.take_cost())

@@ -32,6 +32,9 @@ celery_gpu_batch_waiting_items             gauge      host, task           Items
 celery_gpu_batches_total                   counter    host, task           Batches run
 celery_gpu_batch_items_total               counter    host, task           Items run in batches
 celery_gpu_batch_calls_total               counter    host, task           Calls of the batch task
+celery_gpu_device_seconds_total            counter    host, task           Device time of the task's calls
+celery_gpu_energy_joules_total             counter    host, task           Their energy (NVML; simulated on fake)
+celery_gpu_metered_items_total             counter    host, task           Items (or plain tasks) those calls served
 celery_gpu_queue_wait_seconds              histogram  host, device         Wait in the pool before a task starts
 celery_gpu_task_run_seconds                histogram  host, device         Run time of a task in its device process
 celery_gpu_batch_size                      histogram  host, task           Items per batch
@@ -47,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from .snapshot import DeviceStatus, HistogramData, Status
+from .snapshot import CostInfo, DeviceStatus, HistogramData, Status
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -163,12 +166,27 @@ class _Families:
             self.add("counter", "celery_gpu_batches_total", "Batches run.", labels, stats["batches"])
             self.add("counter", "celery_gpu_batch_items_total", "Items run in batches.", labels, stats["items"])
             self.add("counter", "celery_gpu_batch_calls_total", "Calls of the batch task.", labels, stats["calls"])
+        self.add_costs(snap.get("costs") or {})
         histograms: dict[str, dict[str, HistogramData]] = dict(snap["histograms"])  # type: ignore[arg-type]
         for name, key, label, doc in _HISTOGRAMS:
             for value, hist in histograms.get(key, {}).items():
                 self.add_histogram(name, doc, label, value, hist)
         age = max(0.0, time.time() - float(snap["timestamp"]))
         self.add("gauge", "celery_gpu_snapshot_age_seconds", "Age of the pool snapshot when scraped.", {}, age)
+
+    def add_costs(self, costs: dict[str, CostInfo]) -> None:
+        """What each task's items cost on the devices (device time, energy where known, items served)."""
+        for task, cost in costs.items():
+            labels = {"task": task}
+            self.add("counter", "celery_gpu_device_seconds_total",
+                     "Device time of the task's calls of task code (an item's share: call time / its items).",
+                     labels, cost["device_s"])
+            if cost.get("energy_j") is not None:
+                self.add("counter", "celery_gpu_energy_joules_total",
+                         "Energy of the task's calls (NVML's energy counter; simulated on fake devices).", labels,
+                         float(cost["energy_j"] or 0.0))
+            self.add("counter", "celery_gpu_metered_items_total",
+                     "Items (or plain tasks) served by the metered calls.", labels, cost["items"])
 
     def add_device(self, dev: DeviceStatus) -> None:
         """The metrics of one device and its slots."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol, TypedDict
 
 __all__ = [
-    "BatchingInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms", "MemoryInfo",
+    "BatchingInfo", "CostInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms", "MemoryInfo",
     "Reading", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
 ]
 
@@ -97,6 +97,15 @@ class BatchingInfo(TypedDict):
     waiting: int
 
 
+class CostInfo(TypedDict):
+    """What one task's items cost on the devices: items metered, their device time and energy (None: no
+    device reported energy for them)."""
+
+    items: int
+    device_s: float
+    energy_j: float | None
+
+
 class HistogramData(TypedDict):
     """A Prometheus-style histogram: cumulative ``[[le, count], ..., ["+Inf", count]]``, a sum and a count."""
 
@@ -127,6 +136,7 @@ class Summary(TypedDict):
     devices: list[DeviceStatus]
     batching: dict[str, BatchingInfo]
     memory: MemoryInfo
+    costs: dict[str, CostInfo]  # by task name
 
 
 class Status(Summary):

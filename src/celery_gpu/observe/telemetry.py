@@ -9,7 +9,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 
-from .snapshot import Counters, HistogramData, Histograms
+from .snapshot import CostInfo, Counters, HistogramData, Histograms
 
 __all__ = ["Histogram", "Telemetry", "TIME_BUCKETS", "SIZE_BUCKETS"]
 
@@ -58,6 +58,7 @@ class Telemetry:
         self.queue_wait: dict[str, Histogram] = {}
         self.run_time: dict[str, Histogram] = {}
         self.batch_size: dict[str, Histogram] = {}
+        self._costs: dict[str, CostInfo] = {}  # by task name
 
     def started(self, device: str, waited: float) -> None:
         """A task (or a batch's item) left the pool's queue after ``waited`` seconds."""
@@ -72,6 +73,19 @@ class Telemetry:
     def batch(self, task: str, size: int) -> None:
         """A batch of ``size`` items of ``task`` was sent to a device process."""
         self._hist(self.batch_size, task, SIZE_BUCKETS).observe(size)
+
+    def cost(self, task: str, items: int, seconds: float, joules: float | None) -> None:
+        """``items`` items (or one plain task) of ``task`` ran calls that took ``seconds`` of device time and
+        ``joules`` of energy (None: not measured)."""
+        cost = self._costs.setdefault(task, {"items": 0, "device_s": 0.0, "energy_j": None})
+        cost["items"] += items
+        cost["device_s"] += seconds
+        if joules is not None:
+            cost["energy_j"] = (cost["energy_j"] or 0.0) + joules
+
+    def costs(self) -> dict[str, CostInfo]:
+        """Per task: items metered, their device time and energy (copies)."""
+        return {task: {**cost} for task, cost in sorted(self._costs.items())}
 
     def restarted(self, device: str, slot: int) -> None:
         """A device process was replaced (it died, was killed, or recycled)."""

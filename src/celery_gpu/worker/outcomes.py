@@ -110,8 +110,10 @@ class Outcomes:
         self.fail(job, TaskCrashedDevice(reason))
 
     def learn(self, slot: Slot, work: Work, frame: protocol.DoneFrame | protocol.BatchDoneFrame) -> None:
-        """Take in what a device process measured: out-of-memory splits, the batch size that fit, peaks."""
+        """Take in what a device process measured: the calls' cost, out-of-memory splits, the batch size that
+        fit, peaks."""
         device = slot.device.label
+        self.telemetry.cost(work.name, len(work.jobs), frame.get("device_s", 0.0), frame.get("energy_j"))
         splits = frame.get("oom_splits", 0)
         if splits:
             self.telemetry.oom_splits[device] += splits

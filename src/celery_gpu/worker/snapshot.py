@@ -47,6 +47,7 @@ def status(hostname: str, devices: list[Device], slots: list[Slot], scheduler: S
         "hostname": hostname, "timestamp": time.time(), "pending": len(scheduler),
         "devices": [_device_status(d, slots, scheduler, telemetry, readings) for d in devices],
         "batching": scheduler.batching(), "histograms": telemetry.histograms(), "memory": scheduler.book.info(),
+        "costs": telemetry.costs(),
     }
 
 

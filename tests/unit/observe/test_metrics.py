@@ -60,6 +60,8 @@ def _snapshot() -> dict[str, Any]:
             "run_seconds": {"cuda:0": _hist([[0.1, 4], [1.0, 9], ["+Inf", 10]], 4.5)},
             "batch_size": {"proj.embed": _hist([[1, 0], [64, 5], ["+Inf", 5]], 300)},
         },
+        "costs": {"proj.embed": {"items": 300, "device_s": 1.5, "energy_j": 450.0},
+                  "proj.plain": {"items": 7, "device_s": 0.07, "energy_j": None}},
     }
 
 
@@ -170,6 +172,16 @@ def test_pool_and_batching() -> None:
     assert 4.0 < _value(s, "celery_gpu_snapshot_age_seconds") < 60.0
 
 
+def test_cost_per_task() -> None:
+    s = _samples(render(_snapshot()))
+    assert _value(s, "celery_gpu_device_seconds_total", task="proj.embed") == 1.5
+    assert _value(s, "celery_gpu_energy_joules_total", task="proj.embed") == 450.0
+    assert _value(s, "celery_gpu_metered_items_total", task="proj.embed") == 300
+    assert _value(s, "celery_gpu_device_seconds_total", task="proj.plain") == 0.07
+    assert ("celery_gpu_energy_joules_total", frozenset({"host": HOST, "task": "proj.plain"}.items())) not in s, \
+        "no energy reading: no sample"
+
+
 def test_histograms() -> None:
     text = render(_snapshot())
     assert "# TYPE celery_gpu_queue_wait_seconds histogram" in text
@@ -195,7 +207,7 @@ def test_histogram_without_inf_bucket_gets_one() -> None:
 
 def test_empty_families_are_not_exported() -> None:
     snap = _snapshot()
-    snap["devices"], snap["batching"] = [], {}
+    snap["devices"], snap["batching"], snap["costs"] = [], {}, {}
     snap["histograms"] = {"queue_wait_seconds": {}, "run_seconds": {}, "batch_size": {}}
     text = render(snap)
     assert "celery_gpu_device" not in text

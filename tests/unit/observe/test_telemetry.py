@@ -45,6 +45,15 @@ def test_telemetry_counts_per_device_and_task() -> None:
     assert SIZE_BUCKETS[-1] >= 1024
 
 
+def test_costs_add_up_per_task() -> None:
+    t = Telemetry()
+    t.cost("proj.embed", 64, 0.5, None)
+    t.cost("proj.embed", 32, 0.25, 30.0)
+    t.cost("proj.plain", 1, 0.01, None)
+    assert t.costs() == {"proj.embed": {"items": 96, "device_s": 0.75, "energy_j": 30.0},
+                         "proj.plain": {"items": 1, "device_s": 0.01, "energy_j": None}}
+
+
 class FakeNVML:
     NVML_TEMPERATURE_GPU = 0
 
