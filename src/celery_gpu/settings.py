@@ -24,6 +24,7 @@ sticky_limit          ``gpu_sticky_limit``         ``CELERY_GPU_STICKY_LIMIT``  
 sticky_window         ``gpu_sticky_window``        ``CELERY_GPU_STICKY_WINDOW``     ``600``
 oom_cap_quiet         ``gpu_oom_cap_quiet``        ``CELERY_GPU_OOM_CAP_QUIET``     ``300`` (0: never)
 cost_in_result        ``gpu_cost_in_result``       ``CELERY_GPU_COST_IN_RESULT``    ``False``
+backlog_interval      ``gpu_backlog_interval``     ``CELERY_GPU_BACKLOG_INTERVAL``  ``5`` (0: off)
 ====================  ===========================  ===============================  =========
 """
 
@@ -78,6 +79,8 @@ class Settings:
             the worker's lifetime.
         cost_in_result: store each task's (or batch item's) share of its call's device time and energy in its
             result meta (``gpu_cost``); the totals per task are in the metrics and ``celery-gpu status`` anyway.
+        backlog_interval: seconds between samples of the broker backlog (messages waiting) of each queue the
+            worker consumes, taken on a connection and thread of their own; 0 turns it off.
     """
 
     devices: str = "all"
@@ -99,6 +102,7 @@ class Settings:
     sticky_window: float = 600.0
     oom_cap_quiet: float = 300.0
     cost_in_result: bool = False
+    backlog_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -113,7 +117,7 @@ class Settings:
             raise ValueError(f"heartbeat_timeout must be >= 0, got {self.heartbeat_timeout}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
-        for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet"):
+        for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet", "backlog_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

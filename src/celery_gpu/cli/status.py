@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ..units import GiB
+from .autoscale import Advice, recommend
 
 __all__ = ["Replies", "fetch", "render", "run"]
 
@@ -228,9 +229,18 @@ def render(snapshots: Mapping[str, Snapshot], width: int = 80, *, others: Mappin
 # ---------------------------------------------------------------------------------------------------- command line
 
 
-def _as_json(replies: Replies) -> str:
+def _as_json(replies: Replies, advice: Advice | None = None) -> str:
     others = [{"node": node, "reply": reply} for node, reply in replies.others.items()]
-    return json.dumps({"workers": replies.workers, "others": others}, indent=2, default=repr)
+    data: dict[str, Any] = {"workers": replies.workers, "others": others}
+    if advice is not None:
+        data["autoscale"] = advice
+    return json.dumps(data, indent=2, default=repr)
+
+
+def _advice(replies: Replies, args: argparse.Namespace) -> Advice | None:
+    if args.autoscale is None:
+        return None
+    return recommend(replies.workers, args.autoscale, args.min_workers, args.max_workers)
 
 
 def load_app(name: str) -> Any:
@@ -253,14 +263,17 @@ def _frame(app: Any, args: argparse.Namespace) -> tuple[str, bool]:
     except (OperationalError, OSError) as exc:
         message = f"cannot reach the broker: {exc}"
         return (json.dumps({"workers": {}, "others": [], "error": message}, indent=2) if args.json else message), False
+    advice = _advice(replies, args)
     if args.json:
-        return _as_json(replies), bool(replies.workers)
+        return _as_json(replies, advice), bool(replies.workers)
     width = shutil.get_terminal_size((80, 24)).columns
-    return render(replies.workers, width, others=replies.others, timeout=args.timeout), bool(replies.workers)
+    text = render(replies.workers, width, others=replies.others, timeout=args.timeout)
+    if advice is not None:
+        text += f"\n\nautoscale: {advice['current']} -> {advice['desired']} workers ({advice['reason']})"
+    return text, bool(replies.workers)
 
 
-def run(argv: list[str]) -> int:
-    """``celery-gpu status``: 0 when at least one celery-gpu worker answered, 1 when none (2: usage error)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="celery-gpu status",
         description="Show every worker's GPU devices, asked through the broker with Celery remote control.",
@@ -273,9 +286,22 @@ def run(argv: list[str]) -> int:
                         help="how long to wait for the workers' answers (default 1)")
     parser.add_argument("-d", "--destination", action="append", metavar="NODE",
                         help="ask only this worker (repeat, or comma-separate, for several)")
+    parser.add_argument("--autoscale", type=int, default=None, metavar="ITEMS",
+                        help="also say how many workers would keep at most ITEMS waiting items each "
+                             "(broker backlog + pools; see docs/operations.md)")
+    parser.add_argument("--min-workers", type=int, default=1, metavar="N", help="with --autoscale: at least N")
+    parser.add_argument("--max-workers", type=int, default=1_000_000, metavar="N", help="with --autoscale: at most N")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    """``celery-gpu status``: 0 when at least one celery-gpu worker answered, 1 when none (2: usage error)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.timeout <= 0 or (args.watch is not None and args.watch <= 0):
         parser.error("--timeout and --watch take a number of seconds > 0")
+    if args.autoscale is not None and (args.autoscale < 1 or not 0 <= args.min_workers <= args.max_workers):
+        parser.error("--autoscale takes ITEMS >= 1, and 0 <= --min-workers <= --max-workers")
     if args.destination:
         args.destination = [node for item in args.destination for node in item.split(",") if node]
     try:

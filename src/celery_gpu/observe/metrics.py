@@ -32,6 +32,11 @@ celery_gpu_batch_waiting_items             gauge      host, task           Items
 celery_gpu_batches_total                   counter    host, task           Batches run
 celery_gpu_batch_items_total               counter    host, task           Items run in batches
 celery_gpu_batch_calls_total               counter    host, task           Calls of the batch task
+celery_gpu_device_memory_headroom_bytes    gauge      host, device         Total less max(reserved, in use)
+celery_gpu_queue_backlog_messages          gauge      host, queue          Messages waiting in the broker
+celery_gpu_waiting_items                   gauge      host, task           Items (and plain tasks) waiting in the pool
+celery_gpu_batch_fill_ratio                gauge      host, task           Items ÷ batch over the last minute
+celery_gpu_task_item_memory_bytes          gauge      host, task           Device memory one item needs
 celery_gpu_device_seconds_total            counter    host, task           Device time of the task's calls
 celery_gpu_energy_joules_total             counter    host, task           Their energy (NVML; simulated on fake)
 celery_gpu_metered_items_total             counter    host, task           Items (or plain tasks) those calls served
@@ -50,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from .snapshot import CostInfo, DeviceStatus, HistogramData, Status
+from .snapshot import CostInfo, DeviceStatus, HistogramData, ScalingInfo, Status
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -167,6 +172,7 @@ class _Families:
             self.add("counter", "celery_gpu_batch_items_total", "Items run in batches.", labels, stats["items"])
             self.add("counter", "celery_gpu_batch_calls_total", "Calls of the batch task.", labels, stats["calls"])
         self.add_costs(snap.get("costs") or {})
+        self.add_scaling(snap.get("scaling"))
         histograms: dict[str, dict[str, HistogramData]] = dict(snap["histograms"])  # type: ignore[arg-type]
         for name, key, label, doc in _HISTOGRAMS:
             for value, hist in histograms.get(key, {}).items():
@@ -188,6 +194,27 @@ class _Families:
             self.add("counter", "celery_gpu_metered_items_total",
                      "Items (or plain tasks) served by the metered calls.", labels, cost["items"])
 
+    def add_scaling(self, scaling: ScalingInfo | None) -> None:
+        """The autoscaling signals: broker backlog per queue; per task items waiting, batch fill, item memory."""
+        if not scaling:
+            return
+        for queue, count in scaling["queues"].items():
+            if count is not None:
+                self.add("gauge", "celery_gpu_queue_backlog_messages",
+                         "Messages waiting in the broker for the queue (sampled every gpu_backlog_interval).",
+                         {"queue": queue}, count)
+        for task, signals in scaling["tasks"].items():
+            labels = {"task": task}
+            self.add("gauge", "celery_gpu_waiting_items", "Items (and plain tasks) of the task waiting in the pool.",
+                     labels, signals["waiting"])
+            if signals["batch_fill"] is not None:
+                self.add("gauge", "celery_gpu_batch_fill_ratio",
+                         "Items / batch of the task's batches over the last minute.", labels, signals["batch_fill"])
+            if signals["item_memory"] is not None:
+                self.add("gauge", "celery_gpu_task_item_memory_bytes",
+                         "Device memory one item needs (declared memory / batch, or learned).", labels,
+                         signals["item_memory"])
+
     def add_device(self, dev: DeviceStatus) -> None:
         """The metrics of one device and its slots."""
         name = str(dev["device"])
@@ -201,6 +228,10 @@ class _Families:
         total = dev["total_memory"] if total is None else total
         if total is not None:
             self.add("gauge", "celery_gpu_device_memory_total_bytes", "Memory of the device, in bytes.", labels, total)
+        if dev.get("headroom") is not None:
+            self.add("gauge", "celery_gpu_device_memory_headroom_bytes",
+                     "Device memory left: total less the larger of what is reserved and what is in use.", labels,
+                     dev["headroom"])
         reserved_doc = "Memory declared by the tasks running on the device, in bytes."
         self.add("gauge", "celery_gpu_device_memory_reserved_bytes", reserved_doc, labels, dev["reserved_memory"])
         quarantined_doc = "1 when the device is quarantined (marked failed)."

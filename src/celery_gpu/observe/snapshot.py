@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, Protocol, TypedDict
 
 __all__ = [
-    "BatchingInfo", "CostInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms", "MemoryInfo",
-    "Reading", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
+    "BatchingInfo", "CostInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms",
+    "MemoryInfo", "Reading", "ScalingInfo", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
+    "TaskScaling",
 ]
 
 
@@ -85,6 +86,7 @@ class DeviceStatus(TypedDict):
     reason: str | None
     readings: Reading
     counters: Counters
+    headroom: int  # total memory minus the larger of what is reserved (declared) and what is in use (reading)
 
 
 class BatchingInfo(TypedDict):
@@ -104,6 +106,22 @@ class CostInfo(TypedDict):
     items: int
     device_s: float
     energy_j: float | None
+
+
+class TaskScaling(TypedDict):
+    """Autoscaling signals of one task: items waiting in the pool, recent batch fill, device memory per item."""
+
+    waiting: int
+    batch_fill: float | None  # items ÷ batch over the last minute (batched tasks that ran then), else None
+    item_memory: int | None  # bytes one item (a plain task: one call) needs: declared ÷ batch, or learned
+
+
+class ScalingInfo(TypedDict):
+    """Autoscaling signals of a worker: the broker backlog of its queues (None: unknown) and its tasks."""
+
+    queues: dict[str, int | None]
+    sampled_at: float  # when the backlog was sampled (0: never)
+    tasks: dict[str, TaskScaling]
 
 
 class HistogramData(TypedDict):
@@ -137,6 +155,7 @@ class Summary(TypedDict):
     batching: dict[str, BatchingInfo]
     memory: MemoryInfo
     costs: dict[str, CostInfo]  # by task name
+    scaling: ScalingInfo
 
 
 class Status(Summary):

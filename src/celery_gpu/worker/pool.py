@@ -24,6 +24,7 @@ from celery.concurrency.base import BasePool
 from ..devices import Device, discover
 from ..errors import FrameError
 from ..observe import control
+from ..observe.backlog import BacklogSampler, consumed_queues
 from ..observe.readings import Readings
 from ..observe.snapshot import Status
 from ..observe.telemetry import Telemetry
@@ -78,6 +79,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.published: Status | None = None  # the latest status(), for readers on other threads
         self._publish_at = 0.0
         self._exporter: Any = None
+        self._backlog: BacklogSampler | None = None
 
     # -- Celery's pool API ------------------------------------------------------------------------------
 
@@ -104,6 +106,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         control.register_command()  # for a pool whose app has no GPU(app) (celery-gpu worker -A plain_app)
         control.register_source(self)
         claims.defer_fetch()  # this process decodes bodies (Celery's Request) but never runs them
+        if self.settings.backlog_interval:
+            self._backlog = BacklogSampler(self.app, lambda: consumed_queues(self.app),
+                                           self.settings.backlog_interval).start()
         if self.settings.metrics_port:
             self._start_exporter()
 
@@ -181,7 +186,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         """Devices, their readings, processes, counters and histograms, as plain data (``inspect gpu``, the
         ``worker-gpu`` event, the metrics exporter). Call it on the pool's loop thread."""
         return snapshot.status(self._hostname, self.devices, self.slots, self.scheduler, self.telemetry,
-                               self._readings)
+                               self._readings, self._backlog)
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
@@ -255,7 +260,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         for job in live:
             self._accepted(slot, job, work.started)
         if batched:
-            self.telemetry.batch(work.name, len(live))
+            self.telemetry.batch(work.name, len(live), live[0].batch.size if live[0].batch else 0)
             self.scheduler.count_batch(work.name, len(live))
 
     def _accepted(self, slot: Slot, job: Job, started: float) -> None:
@@ -342,6 +347,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
 
     def _stop_monitoring(self) -> None:
         control.unregister_source(self)
+        if self._backlog is not None:
+            self._backlog.stop()
+            self._backlog = None
         if self._exporter is not None:
             self._exporter.stop()
             self._exporter = None

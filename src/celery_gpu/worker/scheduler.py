@@ -121,6 +121,7 @@ class Scheduler:
         self.quarantined: dict[str, str] = {}  # device label -> why it takes no more work
         self.book = book or MemoryBook()
         self._stats: dict[str, list[int]] = {}  # task name -> [batches, items, calls]
+        self._kinds: dict[str, tuple[int, int | None, bool]] = {}  # task -> (declared memory, batch, auto)
 
     # -- devices -------------------------------------------------------------------------------------------------
 
@@ -165,6 +166,8 @@ class Scheduler:
 
     def add(self, job: Job) -> None:
         """Queue a task (an item of a batched task joins its task's queue)."""
+        if job.name not in self._kinds:
+            self._kinds[job.name] = (job.memory, job.batch.size if job.batch else None, job.auto)
         if job.batch is not None:
             self.queues.add(job)
         else:
@@ -230,6 +233,21 @@ class Scheduler:
                                         s.device.total_memory - self.reserved[s.device.label], -s.idle_since))
 
     # -- batching statistics -------------------------------------------------------------------------------------
+
+    def waiting(self) -> dict[str, int]:
+        """Items (and plain tasks) waiting in the pool, per task."""
+        counts = self.queues.waiting()
+        for job in self.pending:
+            counts[job.name] = counts.get(job.name, 0) + 1
+        return counts
+
+    def item_memory(self) -> dict[str, int | None]:
+        """Per task seen: device bytes one item needs (a plain task: one call): its declaration ÷ ``batch``, or
+        for ``memory="auto"`` the peak learned so far (None before one was seen)."""
+        out: dict[str, int | None] = {}
+        for name, (declared, size, auto) in sorted(self._kinds.items()):
+            out[name] = self.book.peaks.get(name) if auto else -(-declared // (size or 1))
+        return out
 
     def count_batch(self, name: str, items: int) -> None:
         """A batch of ``items`` items of ``name`` started."""

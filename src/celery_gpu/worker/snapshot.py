@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 from ..devices import Device
+from ..observe.backlog import BacklogSampler
 from ..observe.readings import Readings
-from ..observe.snapshot import DeviceInfo, DeviceStatus, SlotStatus, Status
+from ..observe.snapshot import DeviceInfo, DeviceStatus, ScalingInfo, SlotStatus, Status, TaskScaling
 from ..observe.telemetry import Telemetry
 from .process import Slot
 from .scheduler import Scheduler
@@ -31,23 +32,36 @@ def _device_status(device: Device, slots: list[Slot], scheduler: Scheduler, tele
     states: list[SlotStatus] = [{**s.info(), "restarts": telemetry.restarts[(device.label, s.index)]} for s in mine]
     busy = sum(s.state == "busy" for s in mine)
     reserved = scheduler.reserved[device.label]
+    reading = readings.read(device, busy, len(mine), reserved)
     return {
         "device": device.label, "name": device.name, "kind": device.kind, "total_memory": device.total_memory,
         "reserved_memory": reserved, "slots": states,
         "quarantined": device.label in scheduler.quarantined, "reason": scheduler.quarantined.get(device.label),
-        "readings": readings.read(device, busy, len(mine), reserved),
-        "counters": telemetry.counters(device.label),
+        "readings": reading, "counters": telemetry.counters(device.label),
+        "headroom": max(0, device.total_memory - max(reserved, reading["memory_used"] or 0)),
     }
 
 
+def scaling(scheduler: Scheduler, telemetry: Telemetry, backlog: BacklogSampler | None) -> ScalingInfo:
+    """The autoscaling signals: broker backlog per queue, and per task items waiting, batch fill, item memory."""
+    waiting, fill, memory = scheduler.waiting(), telemetry.batch_fill(), scheduler.item_memory()
+    tasks: dict[str, TaskScaling] = {
+        name: {"waiting": waiting.get(name, 0), "batch_fill": fill.get(name), "item_memory": memory.get(name)}
+        for name in sorted(set(waiting) | set(fill) | set(memory))
+    }
+    return {"queues": backlog.snapshot() if backlog is not None else {},
+            "sampled_at": backlog.sampled_at if backlog is not None else 0.0, "tasks": tasks}
+
+
 def status(hostname: str, devices: list[Device], slots: list[Slot], scheduler: Scheduler, telemetry: Telemetry,
-           readings: Readings) -> Status:
-    """The whole picture of a pool: devices with live readings, processes, counters, batching, histograms."""
+           readings: Readings, backlog: BacklogSampler | None = None) -> Status:
+    """The whole picture of a pool: devices with live readings, processes, counters, batching, histograms, costs
+    and autoscaling signals."""
     return {
         "hostname": hostname, "timestamp": time.time(), "pending": len(scheduler),
         "devices": [_device_status(d, slots, scheduler, telemetry, readings) for d in devices],
         "batching": scheduler.batching(), "histograms": telemetry.histograms(), "memory": scheduler.book.info(),
-        "costs": telemetry.costs(),
+        "costs": telemetry.costs(), "scaling": scaling(scheduler, telemetry, backlog),
     }
 
 

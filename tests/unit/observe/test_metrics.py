@@ -62,6 +62,9 @@ def _snapshot() -> dict[str, Any]:
         },
         "costs": {"proj.embed": {"items": 300, "device_s": 1.5, "energy_j": 450.0},
                   "proj.plain": {"items": 7, "device_s": 0.07, "energy_j": None}},
+        "scaling": {"queues": {"gpu": 1200, "unknown": None}, "sampled_at": time.time(),
+                    "tasks": {"proj.embed": {"waiting": 4, "batch_fill": 0.75, "item_memory": 2**20},
+                              "proj.plain": {"waiting": 2, "batch_fill": None, "item_memory": None}}},
     }
 
 
@@ -172,6 +175,21 @@ def test_pool_and_batching() -> None:
     assert 4.0 < _value(s, "celery_gpu_snapshot_age_seconds") < 60.0
 
 
+def test_autoscaling_signals() -> None:
+    snap = _snapshot()
+    snap["devices"][0]["headroom"] = 5 * 2**30
+    s = _samples(render(snap))
+    assert _value(s, "celery_gpu_queue_backlog_messages", queue="gpu") == 1200
+    assert ("celery_gpu_queue_backlog_messages", frozenset({"host": HOST, "queue": "unknown"}.items())) not in s
+    assert _value(s, "celery_gpu_waiting_items", task="proj.embed") == 4
+    assert _value(s, "celery_gpu_waiting_items", task="proj.plain") == 2
+    assert _value(s, "celery_gpu_batch_fill_ratio", task="proj.embed") == 0.75
+    assert _value(s, "celery_gpu_task_item_memory_bytes", task="proj.embed") == 2**20
+    assert _value(s, "celery_gpu_device_memory_headroom_bytes", device="cuda:0") == 5 * 2**30
+    assert ("celery_gpu_device_memory_headroom_bytes", frozenset({"host": HOST, "device": "fake:0"}.items())) \
+        not in s, "an older worker's snapshot: no sample"
+
+
 def test_cost_per_task() -> None:
     s = _samples(render(_snapshot()))
     assert _value(s, "celery_gpu_device_seconds_total", task="proj.embed") == 1.5
@@ -208,6 +226,7 @@ def test_histogram_without_inf_bucket_gets_one() -> None:
 def test_empty_families_are_not_exported() -> None:
     snap = _snapshot()
     snap["devices"], snap["batching"], snap["costs"] = [], {}, {}
+    snap["scaling"] = {"queues": {}, "sampled_at": 0.0, "tasks": {}}
     snap["histograms"] = {"queue_wait_seconds": {}, "run_seconds": {}, "batch_size": {}}
     text = render(snap)
     assert "celery_gpu_device" not in text

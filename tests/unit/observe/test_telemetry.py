@@ -12,7 +12,7 @@ import pytest
 
 from celery_gpu.devices import Device
 from celery_gpu.observe.readings import Readings
-from celery_gpu.observe.telemetry import SIZE_BUCKETS, Histogram, Telemetry
+from celery_gpu.observe.telemetry import FILL_WINDOW, SIZE_BUCKETS, FillWindow, Histogram, Telemetry
 
 
 def test_histogram_is_cumulative_with_inf_last() -> None:
@@ -43,6 +43,26 @@ def test_telemetry_counts_per_device_and_task() -> None:
     size = hist["batch_size"]["proj.embed"]
     assert size["count"] == 1 and dict((str(b), n) for b, n in size["buckets"])["64"] == 1
     assert SIZE_BUCKETS[-1] >= 1024
+
+
+def test_batch_fill_is_items_over_room_in_the_last_minute() -> None:
+    now = [1000.0]
+    window = FillWindow(clock=lambda: now[0])
+    assert window.ratio() is None
+    window.add(16, 64)
+    window.add(64, 64)
+    assert window.ratio() == 0.625
+    now[0] += FILL_WINDOW - 1
+    window.add(32, 64)
+    assert window.ratio() == round(112 / 192, 4)
+    now[0] += 1  # the first two batches leave the window
+    assert window.ratio() == 0.5
+    now[0] += FILL_WINDOW
+    assert window.ratio() is None
+    t = Telemetry()
+    t.batch("proj.embed", 8, 32)
+    t.batch("proj.plainish", 1)  # no room given (not a batched task): no fill
+    assert t.batch_fill() == {"proj.embed": 0.25}
 
 
 def test_costs_add_up_per_task() -> None:

@@ -162,3 +162,16 @@ def test_batcher_is_fifo_per_task_and_puts_back_in_order() -> None:
     assert list(b.queues["a"]) == [a[1], a[2], a[3], a[4]]
     assert b.remove_if(lambda j: j is a[3]) == [a[3]]
     assert b.take("a", 10) == [a[1], a[2], a[4]] and b.waiting() == {"x": 1}
+
+
+def test_waiting_items_and_item_memory_per_task(scheduler: Scheduler) -> None:
+    for _ in range(3):
+        scheduler.add(job("double", memory=4 * GiB))  # batch=4: 1 GiB per item
+    scheduler.add(job("plain", batch=None, memory=GiB))
+    auto = job("learned", batch=None, memory=0)
+    auto.auto = True
+    scheduler.add(auto)
+    assert scheduler.waiting() == {"double": 3, "plain": 1, "learned": 1}
+    assert scheduler.item_memory() == {"double": GiB, "learned": None, "plain": GiB}
+    scheduler.book.learn("learned", 300)
+    assert scheduler.item_memory()["learned"] == 300
