@@ -20,6 +20,8 @@ __all__ = [
     "FaultSpecError",
     "ClaimMissing",
     "ClaimCorrupt",
+    "UnknownModel",
+    "ModelLoadError",
 ]
 
 
@@ -93,3 +95,11 @@ class ClaimMissing(ArrayDecodeError, LookupError):
 
 class ClaimCorrupt(ArrayDecodeError):
     """A reference is malformed, or the stored payload does not match its size or SHA-256."""
+
+
+class UnknownModel(CeleryGPUError, LookupError):
+    """A task names a model (``@gpu.task(model=...)``) that no ``@gpu.model`` declares."""
+
+
+class ModelLoadError(CeleryGPUError):
+    """A model's loader raised (or ran out of device memory even with every other model evicted)."""

@@ -25,6 +25,7 @@ sticky_window         ``gpu_sticky_window``        ``CELERY_GPU_STICKY_WINDOW`` 
 oom_cap_quiet         ``gpu_oom_cap_quiet``        ``CELERY_GPU_OOM_CAP_QUIET``     ``300`` (0: never)
 cost_in_result        ``gpu_cost_in_result``       ``CELERY_GPU_COST_IN_RESULT``    ``False``
 backlog_interval      ``gpu_backlog_interval``     ``CELERY_GPU_BACKLOG_INTERVAL``  ``5`` (0: off)
+model_wait            ``gpu_model_wait``           ``CELERY_GPU_MODEL_WAIT``        ``0.5``
 ====================  ===========================  ===============================  =========
 """
 
@@ -81,6 +82,8 @@ class Settings:
             result meta (``gpu_cost``); the totals per task are in the metrics and ``celery-gpu status`` anyway.
         backlog_interval: seconds between samples of the broker backlog (messages waiting) of each queue the
             worker consumes, taken on a connection and thread of their own; 0 turns it off.
+        model_wait: seconds work that uses a model (``@gpu.task(model=...)``) waits for a busy device process
+            that holds it, when no idle one does, before it goes to another process (which loads it too).
     """
 
     devices: str = "all"
@@ -103,6 +106,7 @@ class Settings:
     oom_cap_quiet: float = 300.0
     cost_in_result: bool = False
     backlog_interval: float = 5.0
+    model_wait: float = 0.5
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -117,7 +121,8 @@ class Settings:
             raise ValueError(f"heartbeat_timeout must be >= 0, got {self.heartbeat_timeout}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
-        for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet", "backlog_interval"):
+        for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet", "backlog_interval",
+                     "model_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -83,14 +83,29 @@ def _decode_all(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame,
     return list(groups.values())
 
 
-def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[protocol.Item]) -> _Calls:
+def _prepare_model(ctx: DeviceContext, groups: list[list[_Decoded]], budget: int | None) -> Exception | None:
+    """The batch's model loaded (or room made) before its calls; the error of a load that failed."""
+    if ctx.models is None or not groups:
+        return None
+    try:
+        ctx.models.prepare(getattr(groups[0][0].task, "gpu_model", None), budget)
+    except Exception as exc:  # every item of the batch fails with it (a ModelLoadError names the model)
+        return exc
+    return None
+
+
+def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[protocol.Item],
+                 budget: int | None = None) -> _Calls:
     """One call of the function per group (bisected on failure): each item's outcome and its call's time."""
     calls = _Calls()
+    failed = _prepare_model(ctx, groups, budget)
     for members in groups:
         callable_members = []
         for d in members:
             try:
                 batched.item_of(d.task.name, d.args)
+                if failed is not None:
+                    raise failed
             except Exception as exc:
                 calls.outcome[d.index] = exc
                 continue
@@ -153,7 +168,7 @@ def run_batch(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame, hostname
     ctx.in_task = True
     try:
         groups = _decode_all(ctx, app, frame, done)
-        calls = _call_groups(ctx, groups, items)
+        calls = _call_groups(ctx, groups, items, frame.get("budget"))
         _trace_all(ctx, app, groups, items, calls, _cancelled(chan), hostname, done)
     finally:
         ctx.in_task = False

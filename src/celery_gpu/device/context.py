@@ -11,10 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cost import Meter
 from .faults import Faults
+
+if TYPE_CHECKING:
+    from .models import ModelCache
 
 __all__ = ["DeviceContext", "current", "install"]
 
@@ -38,6 +41,8 @@ class DeviceContext:
         cost_s: device time of the calls metered since the last :meth:`take_cost`.
         cost_j: their energy, in joules (None: no reading).
         item_cost: ``(seconds, joules)``, the share of the task or item being traced now (for its result meta).
+        models: the models this process holds (:mod:`celery_gpu.device.models`); None until one is declared
+            or used.
     """
 
     faults: Faults | None = None
@@ -53,6 +58,7 @@ class DeviceContext:
     cost_s: float = 0.0
     cost_j: float | None = None
     item_cost: tuple[float, float | None] | None = None
+    models: ModelCache | None = None
 
     def on_call(self, items: int) -> None:
         """Before each call of task code: injected faults fire here (fake devices)."""

@@ -30,6 +30,7 @@ from ..wire.frames import Channel
 from . import context, cost, faults, memory
 from .batch import run_batch
 from .context import DeviceContext
+from .models import ModelCache
 from .tracing import run_task
 
 __all__ = ["main"]
@@ -123,6 +124,8 @@ def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
             hook(spec.device)
         if Settings.from_app(app.conf).cost_in_result:
             cost.record_in_results(app.backend, lambda: ctx.item_cost)
+        if record is not None and record.model_specs:
+            ctx.models = ModelCache(record.model_specs, spec.device, f"{spec.device.label}#{spec.slot}")
     except BaseException as exc:
         send(protocol.setup_failed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(protocol.EXIT_SETUP_FAILED)
@@ -145,6 +148,8 @@ def _serve(ctx: DeviceContext, app: Any, chan: Channel, send: Send, device: Devi
         reply: Any = run_batch(ctx, app, frame, hostname, chan) if kind == "batch" else run_task(ctx, app, frame,
                                                                                               hostname)
         reply["mem"] = memory.in_use(ctx, device.kind)  # the pool recycles a process whose memory grows too far
+        if ctx.models is not None:  # what it holds now, so the pool's mirror follows
+            protocol.add_models(reply, ctx.models.resident.items(), *ctx.models.take_events())
         send(reply)
         del reply
         del frame  # drop the frame's views of the landing buffer before the next read, so it is reused

@@ -61,6 +61,8 @@ def protect(ctx: DeviceContext, task: Any) -> None:
     @functools.wraps(run)
     def protected(*args: Any, **kwargs: Any) -> Any:
         mark = ctx.cost_mark()
+        if ctx.models is not None:  # its model loaded (or room made) first: a load that fails fails the task
+            ctx.models.prepare(getattr(task, "gpu_model", None), ctx.models.budget)
         try:
             for attempt in (1, 2):  # the second only after an out-of-memory error, with the cache freed
                 try:

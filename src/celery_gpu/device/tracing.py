@@ -79,6 +79,8 @@ def run_task(ctx: DeviceContext, app: Any, frame: protocol.RunFrame, hostname: s
     """Run one ``run`` frame through Celery's tracer; the ``done`` frame (``mem`` is the caller's to fill)."""
     ctx.in_task = True
     memory.start_peak(ctx)
+    if ctx.models is not None:
+        ctx.models.budget = frame.get("budget")  # the task's model is loaded inside its call (protect)
     try:
         try:
             task, args, kwargs, embed = decode(ctx, app, frame["name"], frame)

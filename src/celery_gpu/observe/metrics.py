@@ -12,7 +12,7 @@ Metric                                     Type       Labels               Meani
 celery_gpu_device_utilization_ratio        gauge      host, device         Utilization, 0..1
 celery_gpu_device_memory_used_bytes        gauge      host, device         Memory in use on the device
 celery_gpu_device_memory_total_bytes       gauge      host, device         Device memory (reading, else declared total)
-celery_gpu_device_memory_reserved_bytes    gauge      host, device         Memory declared by the running tasks
+celery_gpu_device_memory_reserved_bytes    gauge      host, device         Declared by running tasks + models
 celery_gpu_device_temperature_celsius      gauge      host, device         Temperature
 celery_gpu_device_power_watts              gauge      host, device         Power draw
 celery_gpu_device_quarantined              gauge      host, device         1 when the device is marked failed
@@ -33,6 +33,9 @@ celery_gpu_batches_total                   counter    host, task           Batch
 celery_gpu_batch_items_total               counter    host, task           Items run in batches
 celery_gpu_batch_calls_total               counter    host, task           Calls of the batch task
 celery_gpu_device_memory_headroom_bytes    gauge      host, device         Total less max(reserved, in use)
+celery_gpu_model_resident_bytes            gauge      host, device, model  Bytes a model holds on the device
+celery_gpu_model_loads_total               counter    host, device, model  Loads of the model there
+celery_gpu_model_evictions_total           counter    host, device, model  Evictions of it there (LRU by bytes)
 celery_gpu_queue_backlog_messages          gauge      host, queue          Messages waiting in the broker
 celery_gpu_waiting_items                   gauge      host, task           Items (and plain tasks) waiting in the pool
 celery_gpu_batch_fill_ratio                gauge      host, task           Items ÷ batch over the last minute
@@ -232,6 +235,15 @@ class _Families:
             self.add("gauge", "celery_gpu_device_memory_headroom_bytes",
                      "Device memory left: total less the larger of what is reserved and what is in use.", labels,
                      dev["headroom"])
+        for model, seen in (dev.get("models") or {}).items():
+            model_labels = {**labels, "model": model}
+            self.add("gauge", "celery_gpu_model_resident_bytes", "Bytes the model holds on the device now.",
+                     model_labels, seen["resident_bytes"])
+            self.add("counter", "celery_gpu_model_loads_total", "Loads of the model on the device.", model_labels,
+                     seen["loads"])
+            self.add("counter", "celery_gpu_model_evictions_total",
+                     "Evictions of the model from the device (least recently used, by bytes).", model_labels,
+                     seen["evictions"])
         reserved_doc = "Memory declared by the tasks running on the device, in bytes."
         self.add("gauge", "celery_gpu_device_memory_reserved_bytes", reserved_doc, labels, dev["reserved_memory"])
         quarantined_doc = "1 when the device is quarantined (marked failed)."

@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypedDict
 
 __all__ = [
     "BatchingInfo", "CostInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms",
-    "MemoryInfo", "Reading", "ScalingInfo", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
+    "MemoryInfo", "ModelInfo", "Reading", "ScalingInfo", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
     "TaskScaling",
 ]
 
@@ -55,10 +55,14 @@ class SlotInfo(_SlotInfo, total=False):
     setup_error: str
 
 
-class SlotStatus(SlotInfo):
+class _SlotStatus(SlotInfo):
+    restarts: int
+
+
+class SlotStatus(_SlotStatus, total=False):
     """One device process in the status snapshot."""
 
-    restarts: int
+    models: list[str]  # the models it holds, least recently used first (apps that declare models)
 
 
 class DeviceInfo(TypedDict):
@@ -71,6 +75,14 @@ class DeviceInfo(TypedDict):
     reserved_memory: int
     failed: bool
     slots: list[SlotInfo]
+
+
+class ModelInfo(TypedDict):
+    """A model on one device: the bytes its processes hold now, and how often it was loaded and evicted there."""
+
+    resident_bytes: int
+    loads: int
+    evictions: int
 
 
 class DeviceStatus(TypedDict):
@@ -87,6 +99,7 @@ class DeviceStatus(TypedDict):
     readings: Reading
     counters: Counters
     headroom: int  # total memory minus the larger of what is reserved (declared) and what is in use (reading)
+    models: dict[str, ModelInfo]  # declared models seen on this device
 
 
 class BatchingInfo(TypedDict):

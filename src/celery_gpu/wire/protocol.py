@@ -37,8 +37,8 @@ __all__ = [
     "EXIT_FAULT_START", "EXIT_POISONED", "EXIT_SETUP_FAILED", "HEARTBEAT_EVERY", "PIPE_TIMEOUT", "SPEC_ENV",
     "AppSpec", "BatchDoneFrame", "BatchFrame", "CancelFrame", "Cost", "DoneFrame", "Failure", "FailureFlow",
     "FromDevice", "HeartbeatFrame", "Item", "Outcome", "PoisonedFrame", "ReadyFrame", "RunFrame",
-    "SetupFailedFrame", "StartSpec", "StopFrame", "ToDevice", "batch_done", "batch_frame", "cancel", "done",
-    "failed_outcome", "failure", "heartbeat", "item", "poisoned", "read", "ready", "run", "setup_failed",
+    "SetupFailedFrame", "StartSpec", "StopFrame", "ToDevice", "add_models", "batch_done", "batch_frame", "cancel",
+    "done", "failed_outcome", "failure", "heartbeat", "item", "poisoned", "read", "ready", "run", "setup_failed",
     "stop",
 ]
 
@@ -101,17 +101,25 @@ class Item(TypedDict):
 # -- main → device -----------------------------------------------------------------------------------------------
 
 
-class RunFrame(Item):
+class _Run(Item):
     t: Literal["run"]
     job: int
     name: str
 
 
-class BatchFrame(TypedDict):
+class RunFrame(_Run, total=False):
+    budget: int  # bytes this process's models may hold on the device while it runs (absent: no limit)
+
+
+class _Batch(TypedDict):
     t: Literal["batch"]
     job: int
     name: str
     items: list[Item]
+
+
+class BatchFrame(_Batch, total=False):
+    budget: int
 
 
 class CancelFrame(TypedDict):
@@ -164,6 +172,9 @@ class DoneFrame(_Done, total=False):
     oom_splits: int  # out-of-memory recoveries during the task
     device_s: float  # device time of the task's metered calls of task code
     energy_j: float  # their energy, where the device reports it
+    models: list[tuple[str, int]]  # models the process holds after the task, least recently used first, bytes
+    loaded: list[str]  # models it loaded for the task
+    evicted: list[str]  # models it evicted for it
 
 
 class _BatchDone(TypedDict):
@@ -180,6 +191,9 @@ class BatchDoneFrame(_BatchDone, total=False):
     fit: int  # the largest call that fit after an out-of-memory split
     device_s: float  # device time of the batch's calls of the function (bisection included)
     energy_j: float  # their energy, where the device reports it
+    models: list[tuple[str, int]]
+    loaded: list[str]
+    evicted: list[str]
 
 
 FromDevice = ReadyFrame | HeartbeatFrame | PoisonedFrame | SetupFailedFrame | DoneFrame | BatchDoneFrame
@@ -209,7 +223,10 @@ def item(uuid: str, request: dict[str, Any], body: Any, content_type: str, conte
 
 
 def run(job: int, name: str, task: Item) -> RunFrame:
-    return {"t": "run", "job": job, "name": name, **task}
+    frame: RunFrame = {"t": "run", "job": job, "name": name, "uuid": task["uuid"], "request": task["request"],
+                       "body": task["body"], "content_type": task["content_type"],
+                       "content_encoding": task["content_encoding"]}
+    return frame
 
 
 def batch_frame(job: int, name: str, items: list[Item]) -> BatchFrame:
@@ -322,17 +339,36 @@ def _cost(d: dict[str, Any]) -> Cost:
     return _float(d.get("device_s")), None if energy is None else _float(energy)
 
 
+def add_models(frame: DoneFrame | BatchDoneFrame, resident: list[tuple[str, int]], loaded: list[str],
+               evicted: list[str]) -> None:
+    """What the process's models are after the work (a device process whose app declares models)."""
+    frame["models"], frame["loaded"], frame["evicted"] = resident, loaded, evicted
+
+
+def _read_models(d: dict[str, Any], frame: DoneFrame | BatchDoneFrame) -> None:
+    models = d.get("models")
+    if not isinstance(models, list):
+        return
+    resident = [(str(m[0]), _int(m[1])) for m in models if isinstance(m, (list, tuple)) and len(m) == 2]
+    names = [[str(n) for n in d.get(k) or () if isinstance(n, str)] for k in ("loaded", "evicted")]
+    add_models(frame, resident, names[0], names[1])
+
+
 def _read_done(d: dict[str, Any]) -> DoneFrame:
-    return done(_int(d.get("job"), -1), _outcome(d), _int(d.get("mem")), _maybe_int(d, "peak"),
-                _int(d.get("oom_splits")), _cost(d))
+    frame = done(_int(d.get("job"), -1), _outcome(d), _int(d.get("mem")), _maybe_int(d, "peak"),
+                 _int(d.get("oom_splits")), _cost(d))
+    _read_models(d, frame)
+    return frame
 
 
 def _read_batch_done(d: dict[str, Any]) -> BatchDoneFrame:
     items = d.get("items")
     # A malformed list stays recognisable as such (empty: the pool fails every item of the batch by name).
     outcomes = [_outcome(o) for o in items] if isinstance(items, list) else []
-    return batch_done(_int(d.get("job"), -1), outcomes, _int(d.get("calls")), _int(d.get("mem")),
-                      _maybe_int(d, "peak_per_item"), _int(d.get("oom_splits")), _int(d.get("fit")), _cost(d))
+    frame = batch_done(_int(d.get("job"), -1), outcomes, _int(d.get("calls")), _int(d.get("mem")),
+                       _maybe_int(d, "peak_per_item"), _int(d.get("oom_splits")), _int(d.get("fit")), _cost(d))
+    _read_models(d, frame)
+    return frame
 
 
 def _read_ready(d: dict[str, Any]) -> ReadyFrame:

@@ -29,6 +29,7 @@ from ..observe.readings import Readings
 from ..observe.snapshot import Status
 from ..observe.telemetry import Telemetry
 from ..payload import claims
+from ..registry import record_of
 from ..settings import Settings
 from ..tasks.batched import BatchOptions
 from ..wire import protocol
@@ -38,6 +39,7 @@ from .admission import MemoryBook
 from .loop import HubLoop, ThreadLoop, call_safely
 from .outcomes import Outcomes
 from .process import Slot
+from .residency import Residency
 from .scheduler import Scheduler
 from .supervisor import TICK, Supervisor
 from .work import Batch, Job, Work
@@ -62,7 +64,10 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.settings = Settings.from_app(app.conf if app is not None else None)
         self.devices: list[Device] = discover(self.settings.devices)
         self.slots = [Slot(d, k) for d in self.devices for k in range(self.settings.per_device)]
-        self.scheduler = Scheduler(self.devices, MemoryBook(quiet=self.settings.oom_cap_quiet))
+        record = record_of(app) if app is not None else None
+        self.scheduler = Scheduler(self.devices, MemoryBook(quiet=self.settings.oom_cap_quiet),
+                                   Residency(record.model_specs if record is not None else None))
+        self.scheduler.model_wait = self.settings.model_wait
         self.telemetry = Telemetry()
         self.outcomes = Outcomes(app, self.settings, self.telemetry, self.scheduler.book)
         self.supervisor = Supervisor(self.slots, self.settings, self.scheduler, self.outcomes, self.telemetry,
@@ -125,6 +130,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             options.get("timeout_callback"),
             options.get("soft_timeout") or self._default_soft, options.get("timeout") or self._default_hard,
             opts if isinstance(opts, BatchOptions) else None, bool(getattr(task, "gpu_memory_auto", False)),
+            getattr(task, "gpu_model", None),
         )
         assert self._loop is not None, "apply_async before the pool started"
         self._loop.run(self._submit, job)
@@ -243,9 +249,13 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if not live:
             return
         work: Work = Batch(next(self._seq), live) if batched else live[0]
+        frame = work.frame()
+        models = self.scheduler.models
+        if models.declared:  # the app declares models: what this process's models may hold while it runs
+            frame["budget"] = self.scheduler.budget(slot) - work.memory
         assert slot.chan is not None
         try:
-            slot.chan.write(work.frame())
+            slot.chan.write(frame)
         except FrameError as exc:
             for job in live:
                 self.outcomes.reject(job, exc)
@@ -256,6 +266,8 @@ class GPUPool(BasePool):  # type: ignore[misc]
             return
         slot.begin(work)
         self.scheduler.reserve(slot.device, work.memory)
+        if "budget" in frame:
+            models.dispatch(slot.label, work.model, frame["budget"])
         work.started = time.monotonic()
         for job in live:
             self._accepted(slot, job, work.started)
@@ -281,6 +293,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         slot.process_tasks += ran
         slot.crashes = 0
         slot.mem = frame["mem"]
+        if "models" in frame:
+            self.scheduler.models.report(slot.device.label, slot.label, frame["models"], frame.get("loaded", []),
+                                         frame.get("evicted", []))
         if work is not None:
             self.outcomes.learn(slot, work, frame)
         self.supervisor.after_task(slot)

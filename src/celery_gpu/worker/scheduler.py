@@ -12,8 +12,12 @@ The flush policy (see docs/design.md):
   tasks (and plain GPU tasks) the work whose oldest item has waited longest goes first, so no task starves.
 
 Placement: an idle slot whose device has the work's declared memory free (declarations in flight are summed
-per device), preferring a slot the work has not died in, then the device with the most free memory, then the
-slot idle the longest. A plain task skips ahead only when the one before it does not fit anywhere yet.
+per device, with the models its *other* processes hold and the work's own model; a slot's own other models can
+be evicted), preferring a slot the work has not died in, then one that already holds the work's model, then the
+device with the most free memory, then the slot idle the longest. A plain task skips ahead only when the one
+before it does not fit anywhere yet. What a slot's models may hold while it runs (its budget) is what is left.
+Work whose model only a busy process holds waits for it up to ``model_wait`` seconds from its arrival (a
+model load costs seconds; a process usually frees up in milliseconds), then goes anywhere it fits.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from ..devices import Device
-from ..errors import InsufficientDeviceMemory
+from ..errors import InsufficientDeviceMemory, UnknownModel
 from ..observe.snapshot import BatchingInfo
 from .admission import MemoryBook
+from .residency import Residency
 from .work import Job
 
 if TYPE_CHECKING:
@@ -113,8 +118,11 @@ class BatchQueues:
 class Scheduler:
     """The pool's waiting work and devices' memory; owned by the pool's loop thread."""
 
-    def __init__(self, devices: list[Device], book: MemoryBook | None = None) -> None:
+    def __init__(self, devices: list[Device], book: MemoryBook | None = None,
+                 models: Residency | None = None) -> None:
         self.devices = devices
+        self.models = models or Residency()
+        self.model_wait = 0.0  # seconds work waits for a busy process holding its model (settings.model_wait)
         self.pending: deque[Job] = deque()  # plain GPU tasks, FIFO
         self.queues = BatchQueues()  # items of batched tasks, FIFO per task
         self.reserved = {d.label: 0 for d in devices}  # declared memory of the work running on each device
@@ -129,15 +137,24 @@ class Scheduler:
         """The devices that take work."""
         return [d for d in self.devices if d.label not in self.quarantined]
 
-    def too_big(self, job: Job) -> InsufficientDeviceMemory | None:
-        """The error for a task that declares more memory than any working device has, else None."""
+    def too_big(self, job: Job) -> Exception | None:
+        """The error for a task that declares more memory (with its model's) than any working device has, or
+        names a model no ``@gpu.model`` declares; else None."""
+        if job.model is not None and not self.models.known(job.model):
+            return UnknownModel(f"task {job.name} uses model {job.model!r}, which no @gpu.model declares here")
         live = self.live()
         biggest = max((d.total_memory for d in live), default=0)
-        if live and job.memory > biggest:
+        model = self.models.size(job.model)
+        if live and job.memory + model > biggest:
+            what = f" plus model {job.model!r} ({model} bytes)" if job.model else ""
             return InsufficientDeviceMemory(
-                f"task {job.name} declares {job.memory} bytes of device memory; the largest device of this "
+                f"task {job.name} declares {job.memory} bytes of device memory{what}; the largest device of this "
                 f"worker has {biggest}: route it to a worker with bigger GPUs")
         return None
+
+    def held(self, device: Device) -> int:
+        """Device memory taken on ``device``: the declarations of its running work and its processes' models."""
+        return self.reserved[device.label] + self.models.on_device(device.label)
 
     def quarantine(self, device: Device, reason: str) -> list[Job]:
         """Take ``device`` out of service; the waiting tasks that no working device can hold now (removed)."""
@@ -146,10 +163,10 @@ class Scheduler:
         if not live:
             return []
         biggest = max(d.total_memory for d in live)
-        too_big = [j for j in self.pending if j.memory > biggest]
+        too_big = [j for j in self.pending if j.memory + self.models.size(j.model) > biggest]
         for job in too_big:
             self.pending.remove(job)
-        return too_big + self.queues.remove_if(lambda j: j.memory > biggest)
+        return too_big + self.queues.remove_if(lambda j: j.memory + self.models.size(j.model) > biggest)
 
     def reserve(self, device: Device, memory: int) -> None:
         """Work declaring ``memory`` started on ``device``."""
@@ -188,7 +205,9 @@ class Scheduler:
         process is ``busy``, a batch that is not full is held until its deadline, which is passed to ``hold``."""
         best: tuple[float, P, Job | str] | None = None
         for job in self.pending:  # the first plain task that fits (one that does not fit yet may be skipped)
-            place = self.place(self.need(job), idle, job.avoid)
+            if self._waits_for_holder(job, idle, now, hold):
+                continue
+            place = self.place(self.need(job), idle, job.avoid, job.model)
             if place is not None:
                 best = (job.arrived, place, job)
                 break
@@ -197,9 +216,9 @@ class Scheduler:
             if busy and not head.isolate and waiting < head.batch.size and now - head.arrived < head.batch.max_wait:
                 hold(head.arrived + head.batch.max_wait)
                 continue
-            if best is not None and best[0] <= head.arrived:
+            if (best is not None and best[0] <= head.arrived) or self._waits_for_holder(head, idle, now, hold):
                 continue
-            place = self.place(self.need(head), idle, head.avoid)
+            place = self.place(self.need(head), idle, head.avoid, head.model)
             if place is not None:
                 best = (head.arrived, place, name)
         if best is None:
@@ -215,6 +234,18 @@ class Scheduler:
             job.memory = head.memory  # one task: one declaration (learned ones may have changed meanwhile)
         return Pick(place, jobs, True)
 
+    def _waits_for_holder(self, job: Job, idle: Sequence[P], now: float, hold: Callable[[float], None]) -> bool:
+        """Whether ``job`` waits for the busy process that holds its model (no idle one does), rather than load
+        it a second time: for at most ``model_wait`` seconds from its arrival (passed to ``hold``)."""
+        if job.model is None or now - job.arrived >= self.model_wait:
+            return False
+        if any(self.models.holds(s.label, job.model) for s in idle):
+            return False
+        if not self.models.held_anywhere(job.model):
+            return False
+        hold(job.arrived + self.model_wait)
+        return True
+
     def need(self, job: Job) -> int:
         """Device memory ``job`` reserves now: declared, or for ``memory="auto"`` what has been learned."""
         if job.auto:
@@ -222,15 +253,27 @@ class Scheduler:
             job.memory = self.book.reserve(job.name, job.batch.size if job.batch else None, whole)
         return job.memory
 
-    def place(self, memory: int, idle: Sequence[P], avoid: set[str] | None = None) -> P | None:
-        """Among idle slots whose device has ``memory`` free: one not in ``avoid`` (slots a task already died
-        in), then the device with the most free memory, then the slot idle the longest (so work spreads over
-        devices and processes)."""
-        fits = [s for s in idle if s.device.total_memory - self.reserved[s.device.label] >= memory]
+    def place(self, memory: int, idle: Sequence[P], avoid: set[str] | None = None,
+              model: str | None = None) -> P | None:
+        """Among idle slots with ``memory`` free for work that uses ``model``: one not in ``avoid`` (slots a task
+        already died in), then one that holds ``model`` already, then the device with the most free memory, then
+        the slot idle the longest (so work spreads over devices and processes)."""
+        fits = [s for s in idle if self.room(s, model) >= memory]
         if not fits:
             return None
-        return max(fits, key=lambda s: (s.label not in (avoid or ()),
-                                        s.device.total_memory - self.reserved[s.device.label], -s.idle_since))
+        return max(fits, key=lambda s: (s.label not in (avoid or ()), self.models.holds(s.label, model),
+                                        self.room(s, model), -s.idle_since))
+
+    def room(self, place: Place, model: str | None = None) -> int:
+        """Bytes left on ``place``'s device for the work's own memory if it runs there with ``model`` loaded:
+        what is not reserved by running work nor held by the models of the device's other processes."""
+        return self.budget(place) - self.models.size(model)
+
+    def budget(self, place: Place) -> int:
+        """Bytes ``place``'s own models may hold: the device's memory less the running work's declarations and
+        the models of its other processes (its budget, sent with the work)."""
+        device = place.device
+        return device.total_memory - self.reserved[device.label] - self.models.on_device(device.label, place.label)
 
     # -- batching statistics -------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ exporter; its shape is :mod:`celery_gpu.observe.snapshot`) and what ``celery ins
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from ..devices import Device
 from ..observe.backlog import BacklogSampler
@@ -21,7 +21,7 @@ def device_info(device: Device, slots: list[Slot], scheduler: Scheduler) -> Devi
     """A device and its slots as ``inspect stats`` shows them."""
     return {
         "device": device.label, "name": device.name, "kind": device.kind, "total_memory": device.total_memory,
-        "reserved_memory": scheduler.reserved[device.label], "failed": device.label in scheduler.quarantined,
+        "reserved_memory": scheduler.held(device), "failed": device.label in scheduler.quarantined,
         "slots": [s.info() for s in slots if s.device is device],
     }
 
@@ -29,9 +29,13 @@ def device_info(device: Device, slots: list[Slot], scheduler: Scheduler) -> Devi
 def _device_status(device: Device, slots: list[Slot], scheduler: Scheduler, telemetry: Telemetry,
                    readings: Readings) -> DeviceStatus:
     mine = [s for s in slots if s.device is device]
-    states: list[SlotStatus] = [{**s.info(), "restarts": telemetry.restarts[(device.label, s.index)]} for s in mine]
+    states = [cast(SlotStatus, {**s.info(), "restarts": telemetry.restarts[(device.label, s.index)]}) for s in mine]
+    if scheduler.models.declared:
+        for state, slot in zip(states, mine, strict=True):
+            state["models"] = [name for name, _ in scheduler.models.slots[slot.label].items()] \
+                if slot.label in scheduler.models.slots else []
     busy = sum(s.state == "busy" for s in mine)
-    reserved = scheduler.reserved[device.label]
+    reserved = scheduler.held(device)  # declared by running work + held by the processes' models
     reading = readings.read(device, busy, len(mine), reserved)
     return {
         "device": device.label, "name": device.name, "kind": device.kind, "total_memory": device.total_memory,
@@ -39,6 +43,7 @@ def _device_status(device: Device, slots: list[Slot], scheduler: Scheduler, tele
         "quarantined": device.label in scheduler.quarantined, "reason": scheduler.quarantined.get(device.label),
         "readings": reading, "counters": telemetry.counters(device.label),
         "headroom": max(0, device.total_memory - max(reserved, reading["memory_used"] or 0)),
+        "models": scheduler.models.info(device.label),
     }
 
 

@@ -138,6 +138,7 @@ class Supervisor:
         was = slot.state
         code = slot.reap()
         work = self.scheduler.release(slot)
+        self.scheduler.models.clear(slot.label)  # its models went with it
         death = slot.death or exit_status(code)
         again = [job for job in (work.jobs if work is not None else [])
                  if self.outcomes.lost(job, slot, death, self.closing)]

@@ -33,6 +33,7 @@ class Work(Protocol):
     name: str
     task_id: str  # for logs ("<id> +3 more" for a batch)
     memory: int  # device memory it reserves while it runs
+    model: str | None  # the model it uses
     soft: float | None  # time limits, seconds
     hard: float | None
     slot: Runner | None
@@ -65,6 +66,7 @@ class Job:
         hard: float | None,
         batch: BatchOptions | None = None,
         auto: bool = False,
+        model: str | None = None,
     ) -> None:
         self.seq = seq
         self.name, self.task_id, self.request, self.body, self.content_type, self.content_encoding = args
@@ -85,6 +87,7 @@ class Job:
         self.batch = batch  # set for an item of a batched task
         self.arrived = time.monotonic()
         self.auto = auto  # memory="auto": ``memory`` is set from what the pool learned, before each placement
+        self.model = model  # the declared model it uses (@gpu.task(model=...)), loaded where it runs
         self.deaths: list[tuple[str, str]] = []  # (slot label, what happened) per device process that died under it
 
     @property
@@ -143,6 +146,7 @@ class Batch:
         self.name = jobs[0].name
         self.task_id = f"{jobs[0].task_id} +{len(jobs) - 1} more" if len(jobs) > 1 else jobs[0].task_id
         self.memory = max(j.memory for j in jobs)  # a batched task declares the memory of one call
+        self.model = jobs[0].model
         softs = [j.soft for j in jobs if j.soft]
         hards = [j.hard for j in jobs if j.hard]
         self.soft: float | None = max(softs) if softs else None  # the call runs under its items' longest limit

@@ -190,6 +190,15 @@ def test_autoscaling_signals() -> None:
         not in s, "an older worker's snapshot: no sample"
 
 
+def test_models_per_device() -> None:
+    snap = _snapshot()
+    snap["devices"][0]["models"] = {"bert": {"resident_bytes": 3 * 2**30, "loads": 2, "evictions": 1}}
+    s = _samples(render(snap))
+    assert _value(s, "celery_gpu_model_resident_bytes", device="cuda:0", model="bert") == 3 * 2**30
+    assert _value(s, "celery_gpu_model_loads_total", device="cuda:0", model="bert") == 2
+    assert _value(s, "celery_gpu_model_evictions_total", device="cuda:0", model="bert") == 1
+
+
 def test_cost_per_task() -> None:
     s = _samples(render(_snapshot()))
     assert _value(s, "celery_gpu_device_seconds_total", task="proj.embed") == 1.5

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from celery_gpu.devices import Device
+from celery_gpu.errors import InsufficientDeviceMemory, UnknownModel
 from celery_gpu.tasks.batched import BatchOptions
 from celery_gpu.worker.scheduler import BatchQueues, Scheduler
 from celery_gpu.worker.work import Job
@@ -175,3 +176,84 @@ def test_waiting_items_and_item_memory_per_task(scheduler: Scheduler) -> None:
     assert scheduler.item_memory() == {"double": GiB, "learned": None, "plain": GiB}
     scheduler.book.learn("learned", 300)
     assert scheduler.item_memory()["learned"] == 300
+
+
+# -- models: placement by residency, the budget, the mirror ------------------------------------------------------
+
+
+def modeled(name: str, model: str, memory: int = GiB) -> Job:
+    item = job(name, batch=None, memory=memory)
+    item.model = model
+    return item
+
+
+def model_scheduler(**sizes: int | None) -> Scheduler:
+    from celery_gpu.models import ModelSpec
+    from celery_gpu.worker.residency import Residency
+
+    specs = {n: ModelSpec(n, lambda device: None, s) for n, s in sizes.items()}
+    return Scheduler([DEVICE], models=Residency(specs))
+
+
+def test_a_task_goes_where_its_model_is_loaded_when_that_process_is_free() -> None:
+    scheduler = model_scheduler(bert=3 * GiB)
+    a, b = Place(0, idle_since=0.0), Place(1, idle_since=1.0)  # a is idle the longest: it wins without affinity
+    scheduler.models.report("fake:0", b.label, [("bert", 3 * GiB)], ["bert"], [])
+    scheduler.add(task := modeled("embed", "bert"))
+    picked = scheduler.pick([a, b], busy=False, now=time.monotonic(), hold=Holds())
+    assert picked is not None and picked.place is b and picked.jobs == [task]
+    scheduler.add(modeled("embed", "bert"))
+    picked = scheduler.pick([a], busy=True, now=time.monotonic(), hold=Holds())
+    assert picked is not None and picked.place is a, "the holder is busy: another process loads it"
+
+
+def test_models_of_other_processes_count_against_the_device_and_a_process_may_evict_its_own() -> None:
+    scheduler = model_scheduler(bert=3 * GiB, llama=5 * GiB)
+    a, b = Place(0), Place(1)
+    scheduler.models.report("fake:0", a.label, [("llama", 5 * GiB)], ["llama"], [])
+    # On b: 8 GiB less a's llama (5) less bert (3) leaves 0 for the task's own 1 GiB; on a: llama can go.
+    assert scheduler.room(b, "bert") == 0 and scheduler.room(a, "bert") == 5 * GiB
+    scheduler.add(modeled("embed", "bert"))
+    picked = scheduler.pick([b, a], busy=False, now=time.monotonic(), hold=Holds())
+    assert picked is not None and picked.place is a
+    scheduler.reserve(DEVICE, GiB)
+    budget = scheduler.budget(a)
+    assert budget == 7 * GiB  # 8 less the task's 1 GiB; b holds nothing
+    scheduler.models.dispatch(a.label, "bert", budget)  # the mirror: llama (5) + bert (3) > 7, llama goes
+    assert scheduler.models.slots[a.label].items() == [("bert", 3 * GiB)]
+    assert scheduler.held(DEVICE) == 4 * GiB
+
+
+def test_a_model_that_can_never_fit_and_an_undeclared_one_fail_by_name() -> None:
+    scheduler = model_scheduler(huge=8 * GiB, bert=GiB)
+    error = scheduler.too_big(modeled("generate", "huge", memory=GiB))
+    assert isinstance(error, InsufficientDeviceMemory) and "plus model 'huge'" in str(error)
+    assert scheduler.too_big(modeled("embed", "bert")) is None
+    unknown = scheduler.too_big(modeled("embed", "gpt"))
+    assert isinstance(unknown, UnknownModel)
+
+
+def test_an_undeclared_size_is_learned_from_what_a_process_reports() -> None:
+    scheduler = model_scheduler(measured=None)
+    assert scheduler.models.size("measured") == 0
+    scheduler.models.report("fake:0", "fake:0#0", [("measured", 123)], ["measured"], [])
+    assert scheduler.models.size("measured") == 123
+    assert scheduler.models.info("fake:0") == {"measured": {"resident_bytes": 123, "loads": 1, "evictions": 0}}
+    scheduler.models.clear("fake:0#0")
+    assert scheduler.held(DEVICE) == 0
+
+
+def test_work_waits_a_moment_for_the_busy_process_that_holds_its_model() -> None:
+    scheduler = model_scheduler(bert=3 * GiB)
+    scheduler.model_wait = 0.5
+    busy_holder, free = Place(0), Place(1)
+    scheduler.models.report("fake:0", busy_holder.label, [("bert", 3 * GiB)], ["bert"], [])
+    scheduler.add(task := modeled("embed", "bert"))
+    holds = Holds()
+    assert scheduler.pick([free], busy=True, now=task.arrived + 0.1, hold=holds) is None
+    assert holds == [task.arrived + 0.5]
+    picked = scheduler.pick([busy_holder, free], busy=False, now=task.arrived + 0.2, hold=Holds())
+    assert picked is not None and picked.place is busy_holder, "the holder is free again: it runs there"
+    scheduler.add(late := modeled("embed", "bert"))
+    picked = scheduler.pick([free], busy=True, now=late.arrived + 0.5, hold=Holds())
+    assert picked is not None and picked.place is free, "waited long enough: another process loads it too"
