@@ -170,12 +170,12 @@ class GPU(AppRecord):
     @overload
     def task(
         self, fn: None = None, *, memory: int | str | None = None, batch: int | None = None,
-        max_wait_ms: float = 5.0, model: str | None = None, **options: Any,
+        max_wait_ms: float = 5.0, model: str | None = None, deadline_ms: float | None = None, **options: Any,
     ) -> Callable[[F], Any]: ...
 
     def task(
         self, fn: F | None = None, *, memory: int | str | None = None, batch: int | None = None,
-        max_wait_ms: float = 5.0, model: str | None = None, **options: Any,
+        max_wait_ms: float = 5.0, model: str | None = None, deadline_ms: float | None = None, **options: Any,
     ) -> Any:
         """Declare a Celery task that runs on a device.
 
@@ -196,6 +196,10 @@ class GPU(AppRecord):
             model: the declared model (``@gpu.model``) the task uses: loaded in its device process before it
                 runs (``gpu.models[model]`` in the task), and the task preferably placed where it is loaded.
                 ``memory=`` then covers the task's own working memory, not the model's.
+            deadline_ms: a deadline relative to the moment the worker's pool receives each call, for callers that
+                do not set ``expires``: a call still waiting in the pool then ends REVOKED as an expired Celery
+                task (never run); with ``expires`` too, the earlier one counts. A held batch leaves in time for the
+                earliest deadline of its items.
             **options: any ``app.task`` option.
         """
         auto = isinstance(memory, str) and memory.strip().lower() == "auto"
@@ -204,6 +208,10 @@ class GPU(AppRecord):
         def decorate(f: F) -> Any:
             options.setdefault("Strategy", STRATEGY)
             options.setdefault("gpu_model", model)
+            if deadline_ms is not None:
+                if deadline_ms <= 0:
+                    raise ValueError(f"deadline_ms must be > 0, got {deadline_ms}")
+                options.setdefault("gpu_deadline", float(deadline_ms) / 1000.0)
             options.setdefault("gpu_default_serializer", "serializer" not in options)
             options["base"] = with_mixin(options.get("base") or self.app.Task)
             if batch is None:

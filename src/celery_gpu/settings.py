@@ -26,6 +26,7 @@ oom_cap_quiet         ``gpu_oom_cap_quiet``        ``CELERY_GPU_OOM_CAP_QUIET`` 
 cost_in_result        ``gpu_cost_in_result``       ``CELERY_GPU_COST_IN_RESULT``    ``False``
 backlog_interval      ``gpu_backlog_interval``     ``CELERY_GPU_BACKLOG_INTERVAL``  ``5`` (0: off)
 model_wait            ``gpu_model_wait``           ``CELERY_GPU_MODEL_WAIT``        ``0.5``
+priority_aging        ``gpu_priority_aging``       ``CELERY_GPU_PRIORITY_AGING``    ``1.0``
 ====================  ===========================  ===============================  =========
 """
 
@@ -84,6 +85,9 @@ class Settings:
             worker consumes, taken on a connection and thread of their own; 0 turns it off.
         model_wait: seconds work that uses a model (``@gpu.task(model=...)``) waits for a busy device process
             that holds it, when no idle one does, before it goes to another process (which loads it too).
+        priority_aging: seconds of waiting one level of Celery priority is worth: a job counts as having arrived
+            that much earlier per level above the lowest, so it overtakes lower-priority work that arrived up to
+            (levels between them) x this before it, and no further (no starvation).
     """
 
     devices: str = "all"
@@ -107,6 +111,7 @@ class Settings:
     cost_in_result: bool = False
     backlog_interval: float = 5.0
     model_wait: float = 0.5
+    priority_aging: float = 1.0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -122,7 +127,7 @@ class Settings:
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
         for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet", "backlog_interval",
-                     "model_wait"):
+                     "model_wait", "priority_aging"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -40,6 +40,7 @@ celery_gpu_queue_backlog_messages          gauge      host, queue          Messa
 celery_gpu_waiting_items                   gauge      host, task           Items (and plain tasks) waiting in the pool
 celery_gpu_batch_fill_ratio                gauge      host, task           Items ÷ batch over the last minute
 celery_gpu_task_item_memory_bytes          gauge      host, task           Device memory one item needs
+celery_gpu_expired_items_total             counter    host, task           Items ended REVOKED (expired) waiting
 celery_gpu_device_seconds_total            counter    host, task           Device time of the task's calls
 celery_gpu_energy_joules_total             counter    host, task           Their energy (NVML; simulated on fake)
 celery_gpu_metered_items_total             counter    host, task           Items (or plain tasks) those calls served
@@ -176,6 +177,10 @@ class _Families:
             self.add("counter", "celery_gpu_batch_calls_total", "Calls of the batch task.", labels, stats["calls"])
         self.add_costs(snap.get("costs") or {})
         self.add_scaling(snap.get("scaling"))
+        for task, count in (snap.get("expired") or {}).items():
+            self.add("counter", "celery_gpu_expired_items_total",
+                     "Items whose deadline (expires, deadline_ms) passed while they waited in the pool: ended "
+                     "REVOKED, never run.", {"task": task}, count)
         histograms: dict[str, dict[str, HistogramData]] = dict(snap["histograms"])  # type: ignore[arg-type]
         for name, key, label, doc in _HISTOGRAMS:
             for value, hist in histograms.get(key, {}).items():

@@ -168,6 +168,7 @@ class Summary(TypedDict):
     batching: dict[str, BatchingInfo]
     memory: MemoryInfo
     costs: dict[str, CostInfo]  # by task name
+    expired: dict[str, int]  # by task name: items whose deadline passed while they waited (ended REVOKED)
     scaling: ScalingInfo
 
 

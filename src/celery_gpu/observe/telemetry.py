@@ -87,6 +87,7 @@ class Telemetry:
         self.reruns: dict[str, int] = defaultdict(int)  # tasks queued again after their process died
         self.leak_recycles: dict[str, int] = defaultdict(int)  # processes replaced for holding too much memory
         self.sticky_errors: dict[str, int] = defaultdict(int)  # sticky CUDA errors reported by its processes
+        self.expired: dict[str, int] = defaultdict(int)  # by task: items ended REVOKED (expired) while waiting
         self.queue_wait: dict[str, Histogram] = {}
         self.run_time: dict[str, Histogram] = {}
         self.batch_size: dict[str, Histogram] = {}

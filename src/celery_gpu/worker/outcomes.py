@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from billiard.exceptions import Terminated, WorkerLostError
+from celery.exceptions import TaskRevokedError
 
 from ..errors import TaskCrashedDevice
 from ..observe.telemetry import Telemetry
@@ -69,6 +70,14 @@ class Outcomes:
         if job.slot is not None:
             self.telemetry.ended(job.slot.device.label, failed, runtime)
         return True
+
+    def expire(self, job: Job) -> None:
+        """``job``'s deadline passed while it waited: Celery ends it as an expired task (REVOKED, a
+        ``task-revoked`` event with ``expired=True``, acknowledged); it never ran, so it is counted apart."""
+        job.finished = True
+        self.telemetry.expired[job.name] += 1
+        if not job.expire():  # no Celery request to tell (never the case in a worker)
+            self.fail(job, TaskRevokedError(f"{job.name}[{job.task_id}] expired while it waited in the pool"))
 
     def reject(self, job: Job, exc: BaseException) -> None:
         """A task that can never run here fails at once; it is accepted first, which acknowledges its message

@@ -68,6 +68,8 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.scheduler = Scheduler(self.devices, MemoryBook(quiet=self.settings.oom_cap_quiet),
                                    Residency(record.model_specs if record is not None else None))
         self.scheduler.model_wait = self.settings.model_wait
+        self.scheduler.aging = self.settings.priority_aging
+        self.scheduler.lower_first = _lower_priority_first(app)
         self.telemetry = Telemetry()
         self.outcomes = Outcomes(app, self.settings, self.telemetry, self.scheduler.book)
         self.supervisor = Supervisor(self.slots, self.settings, self.scheduler, self.outcomes, self.telemetry,
@@ -132,6 +134,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             opts if isinstance(opts, BatchOptions) else None, bool(getattr(task, "gpu_memory_auto", False)),
             getattr(task, "gpu_model", None),
         )
+        job.max_age = getattr(task, "gpu_deadline", None)
         assert self._loop is not None, "apply_async before the pool started"
         self._loop.run(self._submit, job)
         return job
@@ -215,16 +218,22 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hand waiting work to idle device processes, oldest first (see ``scheduler.py`` for the policy)."""
+        """End the waiting work whose deadline passed, then hand waiting work to idle device processes, most
+        urgent first (see ``scheduler.py`` for the policy)."""
+        for job in self.scheduler.expire_due(time.monotonic()):
+            self.outcomes.expire(job)
         while not self.supervisor.closing:
             idle = [s for s in self.slots if s.state == "idle"]
             if not idle:
-                return
+                break
             busy = any(s.state == "busy" for s in self.slots)
             picked = self.scheduler.pick(idle, busy, time.monotonic(), self._wake_at)
             if picked is None:
-                return
+                break
             self._start(picked.place, picked.jobs, picked.batched)
+        deadline = self.scheduler.next_deadline()
+        if deadline is not None:
+            self._wake_at(deadline)  # it is ended then, if it still waits
 
     def _wake_at(self, when: float) -> None:
         """Run the dispatcher again at ``when`` (a held batch's deadline)."""
@@ -368,6 +377,15 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if self._exporter is not None:
             self._exporter.stop()
             self._exporter = None
+
+
+def _lower_priority_first(app: Any) -> bool:
+    """Whether the app's broker delivers a smaller priority number first (kombu's Redis transport), as opposed to
+    a larger one (RabbitMQ's ``x-max-priority`` queues)."""
+    try:
+        return bool(app is not None and app.connection_for_read().transport.driver_type == "redis")
+    except Exception:  # an unknown transport: RabbitMQ's order, Celery's documented default
+        return False
 
 
 _SIGTERM = signal.SIGTERM

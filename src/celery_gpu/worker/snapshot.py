@@ -67,6 +67,7 @@ def status(hostname: str, devices: list[Device], slots: list[Slot], scheduler: S
         "devices": [_device_status(d, slots, scheduler, telemetry, readings) for d in devices],
         "batching": scheduler.batching(), "histograms": telemetry.histograms(), "memory": scheduler.book.info(),
         "costs": telemetry.costs(), "scaling": scaling(scheduler, telemetry, backlog),
+        "expired": dict(sorted(telemetry.expired.items())),
     }
 
 

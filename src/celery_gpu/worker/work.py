@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from ..devices import Device
@@ -52,6 +53,13 @@ class Work(Protocol):
 
 class Job:
     """A task in the pool; Celery's request keeps a weak reference to it (``terminate``, ``worker_pids``)."""
+
+    # Its place while it waits (set by the scheduler, see ``queues.py``).
+    key = 0.0  # when it arrived, moved earlier by its priority: the smallest leaves first
+    deadline: float | None = None  # monotonic time by which it must start (its expires / the task's deadline_ms)
+    entry = 0  # its current entry in the waiting queues
+    waiting = False  # whether it waits in a queue now
+    max_age: float | None = None  # the task's deadline_ms, in seconds from its arrival in the pool
 
     def __init__(
         self,
@@ -114,6 +122,55 @@ class Job:
     def celery_request(self) -> Any:
         """Celery's ``Request`` of the task (the owner of its accept callback), if there is one."""
         return getattr(self.accept_callback, "__self__", None)
+
+    def priority(self) -> int:
+        """The Celery priority of its message (0 when it has none), as the broker received it."""
+        request = self.request
+        value = (request.get("delivery_info") or {}).get("priority")
+        if value is None:
+            value = (request.get("properties") or {}).get("priority")
+        try:
+            return max(0, min(255, int(value))) if value is not None else 0
+        except (TypeError, ValueError):
+            return 0
+
+    def expires_at(self) -> float | None:
+        """Its message's ``expires`` as a POSIX time, or None."""
+        request = self.celery_request
+        expires = getattr(request, "expires", None) if request is not None else None
+        if expires is None:
+            raw = self.request.get("expires")
+            if not raw:
+                return None
+            from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+            try:
+                expires = maybe_make_aware(maybe_iso8601(raw))
+            except (TypeError, ValueError, AttributeError):
+                return None
+        return float(expires.timestamp())
+
+    def deadline_from(self, now: float) -> float | None:
+        """The monotonic time by which it must start: its ``expires``, or the task's ``deadline_ms`` after its
+        arrival, whichever comes first; None when it has neither."""
+        expires = self.expires_at()
+        deadline = None if expires is None else now + (expires - time.time())
+        if self.max_age is not None:
+            own = self.arrived + self.max_age
+            deadline = own if deadline is None else min(deadline, own)
+        return deadline
+
+    def expire(self) -> bool:
+        """Its deadline passed while it waited: end it as Celery ends an expired task (REVOKED, ``task-revoked``
+        with ``expired=True``, acknowledged, the ``task_revoked`` signal); False when it has no Celery request."""
+        request = self.celery_request
+        if request is None or not hasattr(request, "revoked"):
+            return False
+        if hasattr(request, "expires"):  # Celery's Request: expired by its own rule, whoever set the deadline
+            now = datetime.now(timezone.utc)
+            if request.expires is None or request.expires >= now:
+                request.expires = now - timedelta(microseconds=1)
+        return bool(request.revoked())
 
     def revoked(self) -> bool:
         """Whether the task was revoked while it waited here (Celery's check, which marks and acks it)."""
