@@ -1,11 +1,12 @@
 """Work waiting in the pool, in the order it leaves: most urgent first, then first come.
 
-Each waiting job has a *key*: the time it arrived in the pool, moved earlier by its Celery priority (aging, see
-:mod:`.scheduler`), so that sorting by key is "most urgent first, and within a level first come". Jobs put back
-(they did not run, or must run again after their process died) go before everything else of their queue, in
-their order. A :class:`WaitQueue` keeps three views of the same jobs, each a heap or deque with lazy deletion (a
-job taken or expired is skipped when met): by key (what leaves next), by arrival (the oldest, whose ``max_wait``
-bounds how long a batch is held), and by deadline (the earliest ``expires``).
+Each waiting job has a priority *level* and a *key*: the time it arrived in the pool, moved earlier by its level
+(aging, see :mod:`.scheduler`), so that the smallest key leaves first. Jobs of one level arrive in key order, so
+a :class:`WaitQueue` keeps one FIFO per level and compares only the heads of the levels present (usually one):
+queueing and taking a job cost O(1), not a heap's O(log n). Jobs put back (they did not run, or must run again
+after their process died) go before everything else of their queue, in their order. A job that leaves out of
+order (expired, revoked, removed) is marked and skipped when its turn comes; deadlines are kept in a heap, for
+the jobs that have one.
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ from .work import Job
 __all__ = ["BatchQueues", "WaitQueue"]
 
 _entries = itertools.count(1)
+Entry = tuple[int, Job]  # (its entry number, the job): stale once the job left or was queued again
 
 
-def _live(job: Job, entry: int) -> bool:
-    return job.waiting and job.entry == entry
+def _live(entry: Entry) -> bool:
+    return entry[1].waiting and entry[1].entry == entry[0]
+
+
+def _head(fifo: deque[Entry]) -> Job | None:
+    while fifo and not _live(fifo[0]):
+        fifo.popleft()
+    return fifo[0][1] if fifo else None
 
 
 class WaitQueue:
     """Jobs waiting in one queue (the plain tasks, or the items of one batched task)."""
 
     def __init__(self) -> None:
-        self._order: list[tuple[int, float, int, Job]] = []  # (0: put back | 1, key, entry, job)
-        self._arrival: deque[tuple[int, Job]] = deque()  # (entry, job), oldest first
+        self._front: deque[Entry] = deque()  # put back: they leave first, in this order
+        self._levels: dict[int, deque[Entry]] = {}  # by priority level, first come first
         self._deadlines: list[tuple[float, int, Job]] = []  # (deadline, entry, job)
         self._count = 0
 
@@ -42,22 +50,23 @@ class WaitQueue:
         return self._count > 0
 
     def push(self, job: Job) -> None:
-        """Queue ``job`` by its key."""
-        self._push(job, 1)
-        self._arrival.append((job.entry, job))
+        """Queue ``job`` behind the jobs of its level."""
+        fifo = self._levels.get(job.level)
+        if fifo is None:
+            fifo = self._levels[job.level] = deque()
+        fifo.append(self._enter(job))
 
     def push_front(self, jobs: list[Job]) -> None:
-        """Put ``jobs`` back before every job that was not put back, in their order (and as the oldest)."""
-        for job in jobs:
-            self._push(job, 0)
-        self._arrival.extendleft((job.entry, job) for job in reversed(jobs))
+        """Put ``jobs`` back before every other job, in their order."""
+        self._front.extendleft(reversed([self._enter(job) for job in jobs]))
 
-    def _push(self, job: Job, tier: int) -> None:
-        job.entry, job.waiting = next(_entries), True
-        heapq.heappush(self._order, (tier, job.key, job.entry, job))
+    def _enter(self, job: Job) -> Entry:
+        job.entry = entry = next(_entries)
+        job.waiting = True
         if job.deadline is not None:
-            heapq.heappush(self._deadlines, (job.deadline, job.entry, job))
+            heapq.heappush(self._deadlines, (job.deadline, entry, job))
         self._count += 1
+        return entry, job
 
     def discard(self, job: Job) -> None:
         """``job`` leaves the queue (taken, expired, removed); its entries are skipped from now on."""
@@ -65,46 +74,95 @@ class WaitQueue:
             job.waiting = False
             self._count -= 1
 
+    def _next(self) -> tuple[Job, deque[Entry]] | None:
+        job = _head(self._front)
+        if job is not None:
+            return job, self._front
+        best: tuple[Job, deque[Entry]] | None = None
+        for fifo in self._levels.values():
+            head = _head(fifo)
+            if head is not None and (best is None or (head.key, head.entry) < (best[0].key, best[0].entry)):
+                best = head, fifo
+        return best
+
     def peek(self) -> Job | None:
         """The job that leaves next, or None."""
-        order = self._order
-        while order and not _live(order[0][3], order[0][2]):
-            heapq.heappop(order)
-        return order[0][3] if order else None
+        found = self._next()
+        return found[0] if found is not None else None
 
     def pop(self) -> Job | None:
         """Remove and return the job that leaves next."""
-        job = self.peek()
-        if job is not None:
-            heapq.heappop(self._order)
-            self.discard(job)
+        found = self._next()
+        if found is None:
+            return None
+        job, fifo = found
+        fifo.popleft()
+        self.discard(job)
         return job
 
+    def take(self, n: int) -> list[Job]:
+        """Remove and return up to ``n`` jobs, in the order they leave; an isolated job leaves alone."""
+        if len(self._levels) == 1 and _head(self._front) is None:
+            return self._take_one_level(n, next(iter(self._levels.values())))
+        taken: list[Job] = []
+        while len(taken) < n:
+            found = self._next()
+            if found is None:
+                break
+            job, fifo = found
+            if job.isolate and taken:
+                break
+            fifo.popleft()
+            self.discard(job)
+            taken.append(job)
+            if job.isolate:
+                break
+        return taken
+
+    def _take_one_level(self, n: int, fifo: deque[Entry]) -> list[Job]:
+        """:meth:`take` when every job waits at one level (the usual case): straight from its FIFO."""
+        taken: list[Job] = []
+        while fifo and len(taken) < n:
+            entry, job = fifo[0]
+            if not (job.waiting and job.entry == entry):
+                fifo.popleft()
+                continue
+            if job.deaths and taken:  # isolated: it leaves alone
+                break
+            fifo.popleft()
+            job.waiting = False
+            taken.append(job)
+            if job.deaths:
+                break
+        self._count -= len(taken)
+        return taken
+
     def oldest(self) -> Job | None:
-        """The job that arrived first (put-back jobs count as the oldest)."""
-        arrival = self._arrival
-        while arrival and not _live(arrival[0][1], arrival[0][0]):
-            arrival.popleft()
-        return arrival[0][1] if arrival else None
+        """The job waiting longest (put-back jobs count as the oldest)."""
+        job = _head(self._front)
+        if job is not None:
+            return job
+        heads = [head for fifo in self._levels.values() if (head := _head(fifo)) is not None]
+        return min(heads, key=lambda j: (j.arrived, j.entry)) if heads else None
 
     def earliest_deadline(self) -> float | None:
         """The earliest deadline of a waiting job, or None."""
         deadlines = self._deadlines
-        while deadlines and not _live(deadlines[0][2], deadlines[0][1]):
+        while deadlines and not _live((deadlines[0][1], deadlines[0][2])):
             heapq.heappop(deadlines)
         return deadlines[0][0] if deadlines else None
 
     def ordered(self) -> Iterator[Job]:
-        """Every waiting job, in the order they leave (a sorted copy: for the rare walk past the first)."""
-        for _, _, entry, job in sorted(self._order, key=lambda e: e[:3]):
-            if _live(job, entry):
-                yield job
+        """Every waiting job, in the order they leave (sorts a copy: for the rare walk past the first)."""
+        yield from (job for entry, job in list(self._front) if _live((entry, job)))
+        rest = [e for fifo in self._levels.values() for e in fifo if _live(e)]
+        yield from (job for _, job in sorted(rest, key=lambda e: (e[1].key, e[0])))
 
     def __iter__(self) -> Iterator[Job]:
         return self.ordered()
 
     def remove(self, job: Job) -> None:
-        """Remove a waiting job (``ValueError`` if it does not wait here)."""
+        """Remove a waiting job (``ValueError`` if it does not wait)."""
         if not job.waiting:
             raise ValueError(f"{job.task_id} is not waiting")
         self.discard(job)
@@ -132,7 +190,8 @@ class BatchQueues:
 
     def add(self, job: Job) -> None:
         """Queue an item."""
-        self.queue(job.name).push(job)
+        queue = self.queues.get(job.name)
+        (queue if queue is not None else self.queue(job.name)).push(job)
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -140,26 +199,14 @@ class BatchQueues:
     def heads(self) -> Iterator[tuple[str, WaitQueue, Job]]:
         """``(task name, its queue, the item that leaves next)`` for every task with items waiting."""
         for name, q in self.queues.items():
-            head = q.peek()
-            if head is not None:
-                yield name, q, head
+            if q:
+                head = q.peek()
+                if head is not None:
+                    yield name, q, head
 
-    def take(self, name: str, n: int, usable: Callable[[Job], bool] = lambda job: True) -> list[Job]:
-        """Remove and return up to ``n`` of the next items of ``name`` for which ``usable(job)`` (those that are
-        not are removed and dropped: the caller ended them); an isolated item leaves alone."""
-        q = self.queues[name]
-        taken: list[Job] = []
-        while len(taken) < n:
-            job = q.peek()
-            if job is None or (job.isolate and taken):
-                break
-            q.pop()
-            if not usable(job):
-                continue
-            taken.append(job)
-            if job.isolate:
-                break
-        return taken
+    def take(self, name: str, n: int) -> list[Job]:
+        """Remove and return up to ``n`` of the next items of ``name``; an isolated item leaves alone."""
+        return self.queues[name].take(n)
 
     def put_back(self, jobs: list[Job]) -> None:
         """Return unsent items to the front of their queue, in their order."""

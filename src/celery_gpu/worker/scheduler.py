@@ -153,17 +153,20 @@ class Scheduler:
         its priority) and its deadline (``expires``, or the task's ``deadline_ms`` from its arrival)."""
         if job.name not in self._kinds:
             self._kinds[job.name] = (job.memory, job.batch.size if job.batch else None, job.auto)
-        level = job.priority()
-        if level:
-            job.key = job.arrived - (-level if self.lower_first else level) * self.aging
+        priority = job.priority()
+        if priority:
+            job.level = level = -priority if self.lower_first else priority  # larger: more urgent
+            job.key = job.arrived - level * self.aging
         else:
             job.key = job.arrived
-        job.deadline = job.deadline_from(time.monotonic() if now is None else now)
+        if job.max_age is not None or job.request.get("expires"):
+            job.deadline = job.deadline_from(time.monotonic() if now is None else now)
         if job.batch is not None:
             self.queues.add(job)
         else:
             self.pending.push(job)
-        self._watch([job])
+        if job.deadline is not None:
+            heapq.heappush(self.deadlines, (job.deadline, job.entry, job))
 
     def _watch(self, jobs: list[Job]) -> None:
         for job in jobs:

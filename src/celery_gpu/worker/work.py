@@ -56,6 +56,7 @@ class Job:
 
     # Its place while it waits (set by the scheduler, see ``queues.py``).
     key = 0.0  # when it arrived, moved earlier by its priority: the smallest leaves first
+    level = 0  # its priority level, larger = more urgent (its Celery priority in the broker's order)
     deadline: float | None = None  # monotonic time by which it must start (its expires / the task's deadline_ms)
     entry = 0  # its current entry in the waiting queues
     waiting = False  # whether it waits in a queue now
@@ -93,7 +94,8 @@ class Job:
         self.terminated: int | None = None
         self.cancel_sent = False  # the device process was told not to trace it (terminated inside a batch)
         self.batch = batch  # set for an item of a batched task
-        self.arrived = time.monotonic()
+        self.arrived = self.key = time.monotonic()
+        self.entry, self.waiting = 0, False  # set here too: every job's attributes in one shape (faster)
         self.auto = auto  # memory="auto": ``memory`` is set from what the pool learned, before each placement
         self.model = model  # the declared model it uses (@gpu.task(model=...)), loaded where it runs
         self.deaths: list[tuple[str, str]] = []  # (slot label, what happened) per device process that died under it
@@ -126,22 +128,25 @@ class Job:
     def priority(self) -> int:
         """The Celery priority of its message (0 when it has none), as the broker received it."""
         request = self.request
-        value = (request.get("delivery_info") or {}).get("priority")
+        info = request.get("delivery_info")
+        value = info.get("priority") if info else None
         if value is None:
-            value = (request.get("properties") or {}).get("priority")
+            properties = request.get("properties")
+            value = properties.get("priority") if properties else None
+            if value is None:
+                return 0
         try:
-            return max(0, min(255, int(value))) if value is not None else 0
+            return max(0, min(255, int(value)))
         except (TypeError, ValueError):
             return 0
 
     def expires_at(self) -> float | None:
         """Its message's ``expires`` as a POSIX time, or None."""
-        request = self.celery_request
-        expires = getattr(request, "expires", None) if request is not None else None
+        raw = self.request.get("expires")
+        if not raw:
+            return None
+        expires = getattr(self.celery_request, "expires", None)  # Celery's Request parsed it already
         if expires is None:
-            raw = self.request.get("expires")
-            if not raw:
-                return None
             from celery.utils.time import maybe_iso8601, maybe_make_aware
 
             try:

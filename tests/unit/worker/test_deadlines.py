@@ -56,7 +56,8 @@ def pool(make_app: Callable[..., Celery], monkeypatch: pytest.MonkeyPatch) -> GP
 def submit(pool: GPUPool, name: str, expires_in: float | None) -> ExpiringRequest:
     expires = None if expires_in is None else datetime.now(timezone.utc) + timedelta(seconds=expires_in)
     req = ExpiringRequest(expires)
-    pool.apply_async(None, args=(name, uuid.uuid4().hex, {"id": "x"}, b"[]", "application/json", "utf-8"),
+    request = {"id": "x", "expires": expires.isoformat() if expires else None}  # as Celery's request dict
+    pool.apply_async(None, args=(name, uuid.uuid4().hex, request, b"[]", "application/json", "utf-8"),
                      accept_callback=req.on_accepted, callback=req.on_success, error_callback=req.on_failure)
     return req
 
