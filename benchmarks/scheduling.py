@@ -211,9 +211,11 @@ def _priorities(app_module: Any, worker: Worker, sizes: dict[str, int], env: dic
         saturation.append(seen)
     return {
         "round_trips": len(idle), "rounds": sizes["rounds"], "unloaded_p50_ms": _ms(idle, 0.5),
-        "unloaded_p99_ms": _ms(idle, 0.99), "loaded_p50_ms": _ms(loaded, 0.5), "loaded_p99_ms": _ms(loaded, 0.99),
-        "saturation": saturation,
+        "unloaded_p95_ms": _ms(idle, 0.95), "unloaded_p99_ms": _ms(idle, 0.99), "loaded_p50_ms": _ms(loaded, 0.5),
+        "loaded_p95_ms": _ms(loaded, 0.95), "loaded_p99_ms": _ms(loaded, 0.99), "saturation": saturation,
         "high_priority_p99_ratio": round(percentile(loaded, 0.99) / percentile(idle, 0.99), 3),
+        "p95_ratio": round(percentile(loaded, 0.95) / percentile(idle, 0.95), 3),
+        "p50_ratio": round(percentile(loaded, 0.5) / percentile(idle, 0.5), 3),
     }
 
 
