@@ -111,22 +111,33 @@ class Worker:
 def watch_events(app: Any, seconds: float = 30) -> dict[str, list[str]]:
     """Event types received per task id ("" for worker events), filled by a thread for ``seconds``; returns
     once the worker's heartbeat (every 2 s) shows that the receiver is consuming."""
-    import threading
-
     seen: dict[str, list[str]] = {}
+    _listen(app, seconds, lambda e: seen.setdefault(e.get("uuid", ""), []).append(e["type"]))
+    assert wait_until(lambda: "worker-heartbeat" in seen.get("", []), 15), seen
+    return seen
+
+
+def record_events(app: Any, seconds: float = 60) -> dict[str, list[dict[str, Any]]]:
+    """Whole events received per task id ("" for worker events) by Celery's own event receiver, filled by a
+    thread for ``seconds``; returns once a worker heartbeat shows that the receiver is consuming."""
+    seen: dict[str, list[dict[str, Any]]] = {}
+    _listen(app, seconds, lambda e: seen.setdefault(e.get("uuid", ""), []).append(e))
+    assert wait_until(lambda: any(e["type"] == "worker-heartbeat" for e in seen.get("", [])), 15), seen
+    return seen
+
+
+def _listen(app: Any, seconds: float, handler: Any) -> None:
+    import threading
 
     def listen() -> None:
         with app.connection_for_read() as conn:
-            recv = app.events.Receiver(conn, handlers={"*": lambda e: seen.setdefault(e.get("uuid", ""), [])
-                                                       .append(e["type"])})
+            recv = app.events.Receiver(conn, handlers={"*": handler})
             try:
                 recv.capture(limit=None, timeout=seconds, wakeup=False)
             except Exception:
                 pass
 
     threading.Thread(target=listen, daemon=True).start()
-    assert wait_until(lambda: "worker-heartbeat" in seen.get("", []), 15), seen
-    return seen
 
 
 def alive(pid: int) -> bool:

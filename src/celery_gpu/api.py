@@ -234,7 +234,8 @@ class GPU(AppRecord):
 
     def _size_worker(self, sender: Any = None, **_: Any) -> None:
         # One message in flight per device process (times the prefetch multiplier): size the worker's
-        # concurrency to the number of slots before the consumer computes its prefetch count.
+        # concurrency to the number of slots before the consumer computes its prefetch count; say which flags of
+        # Celery's command line that overrides, and refuse a pool that cannot run this app's GPU tasks.
         conf = self.app.conf
         if sender is None or getattr(sender, "app", None) is not self.app:
             return
@@ -245,11 +246,25 @@ class GPU(AppRecord):
             cls = get_implementation(pool) if isinstance(pool, str) else pool
         except (ImportError, AttributeError, ValueError):
             return
-        if not str(getattr(cls, "__module__", "")).startswith("celery_gpu."):
-            return  # another pool: nothing of ours to load
-        from .worker.pool import GPUPool  # Celery has just loaded it, in this worker process
+        from .worker import flags  # this worker's main process: the worker layer is Celery's to load here
 
-        if not (isinstance(cls, type) and issubclass(cls, GPUPool)):
-            return
-        settings = self.settings()
-        sender.concurrency = len(discover(settings.devices)) * settings.per_device
+        if str(getattr(cls, "__module__", "")).startswith("celery_gpu."):
+            from .worker.pool import GPUPool  # Celery has just loaded it, in this worker process
+
+            if isinstance(cls, type) and issubclass(cls, GPUPool):
+                settings = self.settings()
+                devices = len(discover(settings.devices))
+                flags.review(sender, self.app, devices * settings.per_device, devices, settings.per_device)
+                return
+        flags.refuse_foreign_pool(sender, self.app, _pool_name(pool, cls))
+
+
+def _pool_name(pool: Any, cls: Any) -> str:
+    """How a user names a pool: its alias (``threads``), else its class."""
+    if isinstance(pool, str) and ":" not in pool and "." not in pool:
+        return pool
+    module = str(getattr(cls, "__module__", ""))
+    if module.startswith("celery.concurrency."):
+        alias = module.rsplit(".", 1)[-1]
+        return "threads" if alias == "thread" else alias
+    return str(getattr(cls, "__qualname__", cls))

@@ -27,6 +27,7 @@ cost_in_result        ``gpu_cost_in_result``       ``CELERY_GPU_COST_IN_RESULT``
 backlog_interval      ``gpu_backlog_interval``     ``CELERY_GPU_BACKLOG_INTERVAL``  ``5`` (0: off)
 model_wait            ``gpu_model_wait``           ``CELERY_GPU_MODEL_WAIT``        ``0.5``
 priority_aging        ``gpu_priority_aging``       ``CELERY_GPU_PRIORITY_AGING``    ``1.0``
+cpu_threads           ``gpu_cpu_threads``          ``CELERY_GPU_CPU_THREADS``       ``0`` (auto)
 ====================  ===========================  ===============================  =========
 """
 
@@ -88,6 +89,9 @@ class Settings:
         priority_aging: seconds of waiting one level of Celery priority is worth: a job counts as having arrived
             that much earlier per level above the lowest, so it overtakes lower-priority work that arrived up to
             (levels between them) x this before it, and no further (no starvation).
+        cpu_threads: CPU threads of each process on the CPU device (torch, OpenMP, MKL, OpenBLAS); 0: the
+            worker's ``OMP_NUM_THREADS`` if set, else its cores divided among the CPU device's processes
+            (:mod:`celery_gpu.worker.threads`).
     """
 
     devices: str = "all"
@@ -112,6 +116,7 @@ class Settings:
     backlog_interval: float = 5.0
     model_wait: float = 0.5
     priority_aging: float = 1.0
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -130,6 +135,8 @@ class Settings:
                      "model_wait", "priority_aging"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
 
     @classmethod
     def from_app(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:

@@ -42,6 +42,9 @@ def load(device: Any) -> None:
     time.sleep(float(os.environ.get("TEST_SETUP_SLEEP", "0")))  # a slow model load (within gpu_setup_timeout)
     if os.environ.get("TEST_SETUP_HANG") == device.label:
         time.sleep(3600)  # a setup hook that never returns
+    gate = os.environ.get("TEST_SETUP_GATE")  # a model load that ends when the test says so (the file exists)
+    while gate and not os.path.exists(gate):
+        time.sleep(0.05)
     if os.environ.get("TEST_SETUP_FAIL") in (device.label, "all"):
         raise RuntimeError(f"setup refused on {device.label}")
 
@@ -152,6 +155,15 @@ def torch_here() -> str:
     import torch
 
     return str(torch.__version__)
+
+
+@gpu.task
+def thread_budget() -> dict[str, Any]:
+    """The CPU threads this device process's torch uses, and the thread variables it started with."""
+    import torch
+
+    return {"torch": torch.get_num_threads(), "pid": os.getpid(),
+            **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
 
 
 @app.task

@@ -107,3 +107,44 @@ def nap(seconds: float) -> float:
 def plain(x: int) -> int:
     """An unbatched GPU task sharing the worker."""
     return x + 1
+
+
+# -- Celery-native behaviour (tests/integration/test_celery_native.py; the same bodies as tests/apps/prefork.py) --
+
+
+@gpu.task
+def boom(x: Any) -> None:
+    raise ValueError(f"Unsupported input type: {type(x).__name__}")
+
+
+@gpu.task(bind=True, max_retries=1, default_retry_delay=0)
+def retry_reason(self: Any, x: Any) -> None:
+    raise self.retry(exc=ValueError("retry me"), countdown=0)
+
+
+@gpu.task(batch=8, bind=True, max_retries=3)
+def retry_call(self: Any, items: list[int]) -> list[Any]:
+    """``raise self.retry()`` for the whole call until every item of it has been retried twice; then each item
+    with what its request says (attribute access, as on ``self.request``)."""
+    retries = [req.retries for req in self.request.batch]
+    _log("retry_call", items, retries=retries, ids=[req.id for req in self.request.batch])
+    if min(retries) < 2:
+        raise self.retry(countdown=0.2)
+    return [{"x": x, "retries": req.retries, "id": req.id, "legacy": req["retries"]}
+            for x, req in zip(items, self.request.batch, strict=True)]
+
+
+@gpu.task(batch=8, bind=True, max_retries=1)
+def retry_spent(self: Any, items: list[int]) -> list[Any]:
+    """Always ``raise self.retry(exc=KeyError, countdown=1)``: each item is retried once (counted on its own
+    request), then fails with the KeyError."""
+    _log("retry_spent", items, retries=[req["retries"] for req in self.request.batch])  # the older dict style
+    raise self.retry(exc=KeyError(f"again {items}"), countdown=1.0)
+
+
+@gpu.task(batch=8)
+def slow(items: list[int]) -> list[int]:
+    """One call of a second for the whole batch."""
+    _log("slow", items)
+    time.sleep(1.0)
+    return items

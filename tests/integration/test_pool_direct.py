@@ -45,7 +45,7 @@ class Recorder:
         self._add("success", ret, final=True)
 
     def failure(self, einfo: Any) -> None:
-        self._add("failure", einfo.exception.exc if hasattr(einfo.exception, "exc") else einfo.exception, True)
+        self._add("failure", einfo.exception, True)
 
     def timeout(self, soft: bool, seconds: float) -> None:
         self._add("timeout", (soft, seconds))
@@ -217,7 +217,7 @@ def test_an_undecodable_body_fails_by_name_and_the_result_is_stored(make_pool: A
                      callback=rec.success, accept_callback=rec.accepted, error_callback=rec.failure)
     assert rec.done.wait(10)
     failed, einfo, _ = rec.events[-1][1]
-    assert failed == 1 and type(einfo.exception.exc).__name__ == "MalformedTaskMessage"
+    assert failed == 1 and type(einfo.exception).__name__ == "MalformedTaskMessage"  # as prefork: not wrapped
     client = Celery("direct-client", broker=embedded_url, backend=embedded_url, set_as_current=False)
     stored = client.AsyncResult(task_id)
     assert stored.state == "FAILURE" and "cannot run task" in str(stored.result)

@@ -320,12 +320,29 @@ def test_size_worker_ignores_other_apps(make_app: Callable[..., Celery]) -> None
 
 
 @pytest.mark.parametrize("pool_cls", ["prefork", "solo", "celery.concurrency.prefork:TaskPool"])
-def test_size_worker_ignores_other_pools(make_app: Callable[..., Celery], pool_cls: str) -> None:
-    a = make_app()
+def test_size_worker_leaves_other_pools_for_queues_without_gpu_tasks(make_app: Callable[..., Celery],
+                                                                      pool_cls: str) -> None:
+    a = make_app(broker_url="memory://")
     g = GPU(a, devices="fake:3", per_device=2)
+    a.amqp.queues.select(["io-only"])  # -Q io-only: no GPU task is routed there
     worker = _worker(a, pool_cls, concurrency=8)
     g._size_worker(sender=worker)
     assert worker.concurrency == 8
+
+
+@pytest.mark.parametrize(("pool_cls", "name"), [("threads", "threads"), ("solo", "solo"),
+                                                ("celery.concurrency.prefork:TaskPool", "prefork")])
+def test_size_worker_refuses_other_pools_that_would_take_gpu_tasks(make_app: Callable[..., Celery], pool_cls: str,
+                                                                   name: str) -> None:
+    a = make_app(broker_url="memory://")
+    g = GPU(a, devices="fake:3", per_device=2)
+
+    @g.task(name="t.sized_embed")
+    def embed(x: int) -> int:
+        return x
+
+    with pytest.raises(SystemExit, match=f"the {name} pool cannot run GPU tasks.*t.sized_embed"):
+        g._size_worker(sender=_worker(a, pool_cls, concurrency=8))
 
 
 def test_size_worker_ignores_a_missing_sender(make_app: Callable[..., Celery]) -> None:
@@ -349,8 +366,9 @@ def test_real_work_controller_is_sized_before_its_pool(
     # pool, and the GPU pool it then builds has one slot per device process.
     a = make_app(broker_url="memory://")
     GPU(a, devices="fake:3", per_device=2)
+    queues = ["io-only"] if pool == "solo" else None  # solo may serve queues that no GPU task is routed to
     worker = a.WorkController(hostname="unit@test", concurrency=1, pool_cls=pool, without_mingle=True,
-                              without_gossip=True, without_heartbeat=True)
+                              without_gossip=True, without_heartbeat=True, queues=queues)
     assert worker.concurrency == expected
     if pool is None:
         assert isinstance(worker.pool, GPUPool)

@@ -26,12 +26,20 @@ __all__ = ["run"]
 
 
 def _progress(sent: int, done: int, total: int, started: float) -> None:
+    """One redrawn line: ``#`` done, ``-`` sent and waiting, ``.`` not sent yet; sending while not all are sent."""
     width = 30
     filled, queued = width * done // max(total, 1), width * sent // max(total, 1)
     rate = done / max(time.monotonic() - started, 1e-9)
     bar = "#" * filled + "-" * (queued - filled) + "." * (width - queued)
-    sys.stderr.write(f"\r[{bar}] sent {sent}/{total}, done {done}/{total}  {rate:8.1f} items/s")
+    phase = "sending" if sent < total else "sent"
+    sys.stderr.write(f"\r[{bar}] {phase} {sent}/{total}, done {done}/{total}  {rate:8.1f} items/s")
     sys.stderr.flush()
+
+
+def _collect_ready(pending: list[Any], results: list[dict[str, Any]]) -> None:
+    """Take the results that are ready, in order, without waiting (one backend read per result taken)."""
+    while len(results) < len(pending) and pending[len(results)].ready():
+        results.append(pending[len(results)].get(timeout=300))
 
 
 def _start_worker(gpus: str, per_gpu: int, log: Any) -> subprocess.Popen[bytes]:
@@ -69,11 +77,12 @@ def _classify_all(classify: Any, inputs: np.ndarray[Any, Any]) -> tuple[list[dic
     """Every input its own task (published in bulk), every result collected; the results and the seconds."""
     started = time.monotonic()
     pending: list[Any] = []
+    results: list[dict[str, Any]] = []
     for start in range(0, len(inputs), 100):  # bulk publish; each input is still its own Celery task
         pending.extend(classify.submit_many([row.tolist() for row in inputs[start:start + 100]]).results)
-        _progress(len(pending), 0, len(inputs), started)
-    results: list[dict[str, Any]] = []
-    for i, r in enumerate(pending, 1):
+        _collect_ready(pending, results)  # the worker runs while we send: count what it finished
+        _progress(len(pending), len(results), len(inputs), started)
+    for i, r in enumerate(pending[len(results):], len(results) + 1):
         results.append(r.get(timeout=300))
         if i % 50 == 0 or i == len(pending):
             _progress(len(pending), i, len(pending), started)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from ..observe.health import readiness
 from ..units import GiB
 from .autoscale import Advice, recommend
 
@@ -37,7 +38,7 @@ class Replies(NamedTuple):
 
     #: nodename -> snapshot, for the workers that answered with one.
     workers: dict[str, Snapshot]
-    #: nodename -> the reply as received (``{"error": "KeyError('gpu')"}`` from a worker without the command).
+    #: nodename -> the reply as received (``{"error": "KeyError('gpu')"}`` from a worker without celery-gpu).
     others: dict[str, Any]
 
 
@@ -160,8 +161,11 @@ def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
 def _worker_lines(node: str, snapshot: Snapshot, widths: Sequence[int], width: int) -> list[str]:
     devices = sorted(_dicts(snapshot.get("devices")), key=lambda d: _natural(str(d.get("device", ""))))
     quarantined = sum(bool(d.get("quarantined")) for d in devices)
-    lines = [f"{node}  pending {_fmt(snapshot.get('pending'), '.0f')}  "
+    ready, waiting = _worker_readiness(snapshot)
+    lines = [f"{node}  {'ready' if ready else 'NOT READY'}  pending {_fmt(snapshot.get('pending'), '.0f')}  "
              f"devices {len(devices) - quarantined} up, {quarantined} quarantined"]
+    if not ready:
+        lines.append(f"{_INDENT * 2}waiting for: {'; '.join(waiting)}")
     if devices:
         lines.append(_row(_HEADER, widths))
     for device in devices:
@@ -195,8 +199,15 @@ def _task_lines(kind: str, tails: Mapping[Any, str], width: int) -> list[str]:
     return [f"{_INDENT}{kind} {_clip(str(task), names).ljust(names)}{tails[task]}" for task in sorted(tails, key=str)]
 
 
+#: What a worker without celery-gpu answers to the ``gpu`` command: kombu's pidbox reply to a command it has no
+#: handler for (``{"error": "KeyError('gpu')"}``), or Celery's own "unknown command" words.
+_UNKNOWN_COMMAND = ("KeyError('gpu')", 'KeyError("gpu")', "No such command", "Unknown command")
+
+
 def _other(reply: object) -> str:
     if isinstance(reply, dict) and "error" in reply:
+        if any(marker in str(reply["error"]) for marker in _UNKNOWN_COMMAND):
+            return "not a celery-gpu worker (it does not know the gpu command)"
         return f"error {reply['error']}"
     return f"not a snapshot: {reply!r}"
 
@@ -273,6 +284,39 @@ def _frame(app: Any, args: argparse.Namespace) -> tuple[str, bool]:
     return text, bool(replies.workers)
 
 
+def _worker_readiness(snapshot: Snapshot) -> tuple[bool, list[str]]:
+    """The ``ready`` a worker reported, else (an older version) the same judgement made here from its slots."""
+    if isinstance(snapshot.get("ready"), bool) and isinstance(snapshot.get("waiting_for"), list):
+        return bool(snapshot["ready"]), [str(w) for w in snapshot["waiting_for"]]
+    ready, waiting = readiness(snapshot)
+    return ready, waiting
+
+
+def _ready(app: Any, args: argparse.Namespace) -> int:
+    """``--ready``: 0 when every named worker (else every worker that answered, at least one) is ready."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        replies = fetch(app, timeout=args.timeout, destination=args.destination)
+    except (OperationalError, OSError) as exc:
+        print(f"not ready: cannot reach the broker: {exc}")
+        return 1
+    verdicts: dict[str, tuple[bool, list[str]]] = {n: _worker_readiness(s) for n, s in replies.workers.items()}
+    for node, reply in replies.others.items():
+        verdicts[node] = (False, [_other(reply)])
+    for node in args.destination or ():
+        verdicts.setdefault(node, (False, [f"no answer within {args.timeout:g}s"]))
+    if not verdicts:
+        verdicts["(cluster)"] = (False, [f"no celery-gpu worker answered within {args.timeout:g}s"])
+    if args.json:
+        print(json.dumps({"ready": all(r for r, _ in verdicts.values()),
+                          "workers": {n: {"ready": r, "waiting_for": w} for n, (r, w) in sorted(verdicts.items())}}))
+    else:
+        for node, (ok, waiting) in sorted(verdicts.items()):
+            print(f"{node}: ready" if ok else f"{node}: not ready: {'; '.join(waiting)}")
+    return 0 if all(ok for ok, _ in verdicts.values()) else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="celery-gpu status",
@@ -286,6 +330,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="how long to wait for the workers' answers (default 1)")
     parser.add_argument("-d", "--destination", action="append", metavar="NODE",
                         help="ask only this worker (repeat, or comma-separate, for several)")
+    parser.add_argument("--ready", action="store_true",
+                        help="exit 0 only when every named worker (-d; else every worker that answers) is ready: "
+                        "connected, and every device process idle or busy (a readiness probe)")
     parser.add_argument("--autoscale", type=int, default=None, metavar="ITEMS",
                         help="also say how many workers would keep at most ITEMS waiting items each "
                              "(broker backlog + pools; see docs/operations.md)")
@@ -295,11 +342,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    """``celery-gpu status``: 0 when at least one celery-gpu worker answered, 1 when none (2: usage error)."""
+    """``celery-gpu status``: 0 when at least one celery-gpu worker answered, 1 when none (2: usage error);
+    with ``--ready``, 0 only when every worker asked is ready."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.timeout <= 0 or (args.watch is not None and args.watch <= 0):
         parser.error("--timeout and --watch take a number of seconds > 0")
+    if args.ready and args.watch is not None:
+        parser.error("--ready answers once; it does not take --watch")
     if args.autoscale is not None and (args.autoscale < 1 or not 0 <= args.min_workers <= args.max_workers):
         parser.error("--autoscale takes ITEMS >= 1, and 0 <= --min-workers <= --max-workers")
     if args.destination:
@@ -308,6 +358,8 @@ def run(argv: list[str]) -> int:
         app = load_app(args.app)
     except (ImportError, AttributeError, TypeError) as exc:
         parser.error(f"cannot load the app {args.app!r}: {exc}")
+    if args.ready:
+        return _ready(app, args)
     if args.watch is None:
         text, answered = _frame(app, args)
         print(text)

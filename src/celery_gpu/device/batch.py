@@ -115,8 +115,10 @@ def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[p
         first = callable_members[0]
         started, mark = time.monotonic(), ctx.cost_mark()
         memory.start_peak(ctx)
-        results = call_batch(ctx, first.task, [d.args[0] for d in callable_members], first.kwargs,
-                             [items[d.index]["request"] for d in callable_members])
+        requests = [batched.BatchRequest(items[d.index]["request"], args=d.args, kwargs=d.kwargs,
+                                         called_directly=False) for d in callable_members] \
+            if first.task.gpu_batch.bind else None  # self.request.batch, for a function that takes the task
+        results = call_batch(ctx, first.task, [d.args[0] for d in callable_members], first.kwargs, requests)
         took = time.monotonic() - started
         n = len(callable_members)
         seconds, joules = ctx.cost_since(mark)
@@ -146,12 +148,10 @@ def _trace_all(ctx: DeviceContext, app: Any, groups: list[list[_Decoded]], items
             linked = any((item["request"].get(k) or (d.embed or {}).get(k)) for k in _LINKED)
             try:
                 with store.direct() if linked else nullcontext():
-                    outcome = trace(ctx, app, d.task, item, d.args, d.kwargs, d.embed, hostname)
+                    done[d.index] = trace(ctx, app, d.task, item, d.args, d.kwargs, d.embed, hostname, took)
             finally:
                 batched.outcomes.pop(item["uuid"], None)
                 ctx.item_cost = None
-            outcome["runtime"] = took + float(outcome.get("runtime") or 0.0)
-            done[d.index] = outcome
 
 
 def run_batch(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame, hostname: str,

@@ -117,6 +117,8 @@ def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
     try:
         app = import_app(spec.app.app, spec.app.modules)
         _setup_logging(app, spec.app.loglevel, spec.app.logfile)
+        if spec.threads and "torch" in sys.modules:  # the CPU device's thread budget (its variables are set
+            sys.modules["torch"].set_num_threads(spec.threads)  # already, for a torch imported later)
         set_current(spec.device)
         signals.worker_process_init.send(sender=None)
         record = record_of(app)

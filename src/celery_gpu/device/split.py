@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BatchResultMismatch
-from ..tasks.batched import BatchOptions
+from ..tasks.batched import BatchCallRetry, BatchOptions, BatchRequest
 from . import memory
 from .context import DeviceContext, current
 from .recovery import out_of_memory, triage
@@ -26,13 +26,16 @@ def call_batch(
     not fit is tried once more, then fails with :class:`~celery_gpu.errors.DeviceOutOfMemory`. A sticky CUDA
     error ends the device process (:func:`~celery_gpu.device.recovery.triage`): nothing computed there is
     reported. A soft time limit is not split: every item gets it. A result count that differs from the item
-    count fails every item of that call with :class:`BatchResultMismatch`.
+    count fails every item of that call with :class:`BatchResultMismatch`. ``self.retry()`` in the call
+    (``requests`` given, ``bind=True``) retries every item of the call: each outcome is the call's ``RetryItem``.
     """
     from celery.exceptions import SoftTimeLimitExceeded
 
     opts: BatchOptions = task.gpu_batch
+    request = None
     if requests is not None and opts.bind:
-        task.push_request(batch=requests, called_directly=False)
+        task.push_request(batch=requests, called_directly=False, in_batch_call=True, batch_retry=None)
+        request = task.request
     ctx.calls += 1
     kind = None
     try:
@@ -42,6 +45,8 @@ def call_batch(
             results = list(out)
     except SoftTimeLimitExceeded as exc:
         return [exc] * len(items)
+    except BatchCallRetry as retry:  # raise self.retry(...): not a failure, nothing to bisect
+        return [retry.item] * len(items)
     except Exception as exc:
         kind = triage(ctx, exc)  # a sticky error: in a device process, does not return
         if kind != "oom" and len(items) == 1:
@@ -49,8 +54,10 @@ def call_batch(
         if kind == "oom" and len(items) == 1 and _oom:  # alone, with a freed cache, twice: it does not fit
             return [out_of_memory(task.name, exc, item=True)]
     finally:
-        if requests is not None and opts.bind:
+        if request is not None:
             task.pop_request()
+    if request is not None and request.batch_retry is not None:  # self.retry(throw=False): the results go
+        return [request.batch_retry] * len(items)
     if kind is not None:
         return _split(ctx, task, items, kwargs, requests, oom=_oom or kind == "oom", freed=kind == "oom")
     if _oom:
@@ -78,5 +85,8 @@ def _split(ctx: DeviceContext, task: Any, items: list[Any], kwargs: dict[str, An
 
 
 def call_alone(task: Any, items: list[Any], kwargs: dict[str, Any]) -> list[Any]:
-    """A batched task's call outside a batch (eager mode, a direct call), with this process's context."""
-    return call_batch(current(), task, items, kwargs)
+    """A batched task's call outside a batch (eager mode, a direct call), with this process's context; a function
+    that takes the task sees ``self.request.batch`` (its one item's request) as in a worker."""
+    bound = task.gpu_batch.bind
+    requests = [BatchRequest(vars(task.request), args=list(items), kwargs=kwargs)] if bound else None
+    return call_batch(current(), task, items, kwargs, requests)

@@ -7,6 +7,7 @@ Shared by single tasks and batches (``batch.py``). Each function returns the pla
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..payload import claims
@@ -58,18 +59,56 @@ def refuse(app: Any, name: str, item: protocol.Item, cause: Exception) -> protoc
     return protocol.failed_outcome(describe_failure(einfo))
 
 
+class _ItemClock:
+    """``time.monotonic`` for the tracer of a batched task: its first reading after :meth:`back_by` (the tracer's
+    start) is moved back by the item's call time, so Celery's own run time of the item (its log line, the
+    ``task_success`` signal, the ``task-succeeded`` event) counts the call that computed it."""
+
+    def __init__(self) -> None:
+        self._back = 0.0
+
+    def back_by(self, seconds: float) -> None:
+        self._back = seconds
+
+    def __call__(self) -> float:
+        now, self._back = time.monotonic() - self._back, 0.0
+        return now
+
+
+_clock = _ItemClock()
+_tracers: dict[str, Any] = {}  # task name -> the tracer built with the item clock
+
+
+def _item_tracer(app: Any, task: Any, hostname: str) -> None:
+    """Make ``task``'s tracer the one that reads the item clock (once per task)."""
+    if task.__trace__ is None or task.__trace__ is not _tracers.get(task.name):
+        from celery.app.trace import build_tracer
+
+        task.__trace__ = _tracers[task.name] = build_tracer(task.name, task, app=app, hostname=hostname,
+                                                            monotonic=_clock)
+
+
 def trace(
     ctx: DeviceContext, app: Any, task: Any, item: protocol.Item, args: Any, kwargs: Any, embed: Any, hostname: str,
+    took: float | None = None,
 ) -> protocol.Outcome:
-    """Run one decoded task through Celery's own tracer (results, retries, signals, backend writes)."""
+    """Run one decoded task through Celery's own tracer (results, retries, signals, backend writes).
+
+    ``took``: for an item of a batch, the seconds its call took before (counted in its run time).
+    """
     from celery.app.trace import trace_task
 
-    if getattr(task, "gpu", False) and getattr(task, "gpu_batch", None) is None:
+    if took is not None:
+        _item_tracer(app, task, hostname)
+        _clock.back_by(took)
+    elif getattr(task, "gpu", False) and getattr(task, "gpu_batch", None) is None:
         protect(ctx, task)  # out-of-memory retry and sticky-error exit (batched tasks: per call)
     request: dict[str, Any] = item["request"]
     request.update({"args": args, "kwargs": kwargs, "hostname": hostname, "is_eager": False}, **(embed or {}))
     retval, info, runtime, rstr = trace_task(task, item["uuid"], args, kwargs, request, app=app, hostname=hostname)
     claims.consumed(item["body"])  # the task ended: its out-of-band payload, if any, is no longer needed
+    if runtime is None:  # Celery times successes only; a failed item still took its call's time
+        runtime = took or 0.0
     if info:
         return protocol.failed_outcome(describe_failure(retval), runtime)
     return {"failed": False, "retval": rstr, "runtime": runtime}

@@ -27,6 +27,7 @@ celery_gpu_oom_splits_total                counter    host, device         Batch
 celery_gpu_task_reruns_total               counter    host, device         Tasks run again after their process died
 celery_gpu_leak_recycles_total             counter    host, device         Processes replaced for holding too much
 celery_gpu_sticky_errors_total             counter    host, device         Sticky CUDA errors (processes poisoned)
+celery_gpu_worker_ready                    gauge      host                 1 when the worker is ready (``/ready``)
 celery_gpu_pending_tasks                   gauge      host                 Tasks and batch items waiting in the pool
 celery_gpu_batch_waiting_items             gauge      host, task           Items waiting for a batch
 celery_gpu_batches_total                   counter    host, task           Batches run
@@ -53,24 +54,25 @@ celery_gpu_snapshot_age_seconds            gauge      host                 Age o
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from .endpoint import Endpoint as MetricsExporter
+from .endpoint import PortInUse as MetricsPortInUse
+from .endpoint import Snapshot, start_endpoint
 from .snapshot import CostInfo, DeviceStatus, HistogramData, ScalingInfo, Status
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["MetricsExporter", "MetricsPortInUse", "PoolCollector", "Snapshot", "render", "start_exporter"]
+__all__ = ["MetricsExporter", "MetricsPortInUse", "PoolCollector", "Snapshot", "metrics_app", "render",
+           "start_exporter"]
 
 logger = logging.getLogger("celery_gpu.metrics")
 
-Snapshot = Callable[[], Status | None]
-"""The pool's status snapshot, or None before the pool has started."""
 
 _MISSING = "the metrics port needs prometheus-client: pip install 'celery-gpu[prometheus]'"
 _SLOT_DOWN = frozenset({"down", "failed"})
@@ -85,10 +87,6 @@ _HISTOGRAMS = [  # (metric name, snapshot key, label, help)
     ("celery_gpu_task_run_seconds", "run_seconds", "device", "Run time of a task in its device process."),
     ("celery_gpu_batch_size", "batch_size", "task", "Items per batch."),
 ]
-
-
-class MetricsPortInUse(OSError):
-    """The metrics port is already taken by another process (or another exporter)."""
 
 
 def _prometheus() -> Any:
@@ -167,6 +165,8 @@ class _Families:
         """Every metric of ``snap``."""
         for device in snap["devices"]:
             self.add_device(device)
+        ready_doc = "1 when the worker's consumer has connected and every device process takes work."
+        self.add("gauge", "celery_gpu_worker_ready", ready_doc, {}, 1 if snap.get("ready") else 0)
         pending_doc = "Tasks and batch items waiting in the pool."
         self.add("gauge", "celery_gpu_pending_tasks", pending_doc, {}, snap["pending"])
         for task, stats in snap["batching"].items():
@@ -293,37 +293,25 @@ def render(snapshot: Status | None) -> str:
     return cast(bytes, prometheus.generate_latest(_registry(lambda: snapshot))).decode()
 
 
-class MetricsExporter:
-    """A running metrics HTTP server (a daemon thread); :meth:`stop` shuts it down and frees the port."""
+def metrics_app(snapshot: Snapshot) -> Any:
+    """The WSGI application of ``/metrics``: prometheus-client's, on a registry holding only the pool's collector;
+    without prometheus-client, 503 and how to install it."""
+    try:
+        prometheus = _prometheus()
+    except RuntimeError:
+        def missing(environ: dict[str, Any], start: Any) -> list[bytes]:
+            start("503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+            return [(_MISSING + "\n").encode()]
 
-    def __init__(self, server: Any, thread: Any) -> None:
-        self._server = server
-        self._thread = thread
-        self.port: int = int(server.server_port)
-        self._stopped = False
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and close the socket (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout)
+        return missing
+    return prometheus.make_wsgi_app(_registry(snapshot))
 
 
 def start_exporter(port: int, snapshot: Snapshot, addr: str = "0.0.0.0") -> MetricsExporter:
-    """Serve the pool's metrics at ``http://addr:port/metrics`` (``port=0``: any free port, see ``.port``).
+    """Serve the pool's metrics at ``http://addr:port/metrics`` (``port=0``: any free port, see ``.port``), with
+    ``/ready`` and ``/health`` beside them (:mod:`celery_gpu.observe.endpoint`).
 
-    Raises :class:`MetricsPortInUse` when the port is taken, and RuntimeError without prometheus-client.
+    Raises :class:`MetricsPortInUse` when the port is taken. Without prometheus-client the endpoint runs and
+    ``/metrics`` answers 503 with how to install it.
     """
-    prometheus = _prometheus()
-    registry = _registry(snapshot)
-    try:
-        server, thread = prometheus.start_http_server(port, addr=addr, registry=registry)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise MetricsPortInUse(exc.errno, f"the metrics port {addr}:{port} is already in use") from exc
-        raise
-    logger.info("celery-gpu metrics on http://%s:%d/metrics", addr, server.server_port)
-    return MetricsExporter(server, thread)
+    return start_endpoint(port, snapshot, addr=addr)

@@ -163,6 +163,8 @@ class Summary(TypedDict):
 
     hostname: str
     timestamp: float
+    ready: bool  # the consumer has connected and every device process takes work (observe/health.py)
+    waiting_for: list[str]  # what it is not ready for ("cuda:0#1 starting"); empty when ready
     pending: int
     devices: list[DeviceStatus]
     batching: dict[str, BatchingInfo]

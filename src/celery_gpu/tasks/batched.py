@@ -15,6 +15,22 @@ keyword arguments once (``embed(["hi", ...], normalize=True)``). The function re
 in order; in an item's place it may return an exception instance (that item fails with it, or is retried if
 the exception is in the task's ``autoretry_for``) or :class:`RetryItem` (that item alone is retried).
 
+Retrying, two ways (``bind=True``)::
+
+    @gpu.task(batch=64, bind=True, max_retries=3)
+    def embed(self, texts):
+        if not model_ready():
+            raise self.retry(countdown=5)              # every item of this call, each its own Celery retry
+        return [RetryItem(countdown=1) if t == "" else encode(t) for t in texts]   # only these items
+
+``raise self.retry(...)`` inside the function retries each item of the call as its own Celery retry: its own
+retry count against ``max_retries``, ``countdown``/``eta``, ``exc`` (raised for an item whose retries are spent),
+``kwargs=`` and ``apply_async`` options, exactly as :class:`RetryItem` does for one item. With ``throw=False`` it
+returns the ``Retry`` and the call's results are discarded (its items are retried). ``args=`` has no meaning for
+a call of many items and is refused. ``self.request.batch`` is the list of the items' requests
+(:class:`BatchRequest`: ``req.id``, ``req.retries``, ``req.eta``, ``req.headers``... as ``self.request`` is in a
+plain task).
+
 Each item keeps its own Celery task: its own id, result, events, ack and retries. Outside a worker (eager
 mode, ``embed.apply(...)``, a direct ``embed("x")``) the function is called with a one-item list.
 """
@@ -26,9 +42,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from celery.app.task import Context
+
 from ..errors import BatchArgumentError
 
-__all__ = ["BatchCall", "BatchOptions", "RetryItem", "item_of", "item_runner", "outcomes", "resolve"]
+__all__ = ["BatchCall", "BatchCallRetry", "BatchOptions", "BatchRequest", "RetryItem", "item_of", "item_runner",
+           "outcomes", "resolve", "retry_call"]
 
 #: Outcomes of the batch being traced in this device process, by task id: the device process's batch runner
 #: (:mod:`celery_gpu.device.batch`) puts each item's outcome here before Celery's tracer runs that item.
@@ -46,6 +65,8 @@ class RetryItem:
         countdown: seconds to wait before the retry (else the task's ``default_retry_delay``).
         eta: when to retry, instead of ``countdown``.
         max_retries: overrides the task's ``max_retries`` for this retry.
+        kwargs: the keyword arguments of the retry (else the item's own).
+        **options: ``apply_async`` options of the retry (``queue``, ``priority``...), as for ``self.retry``.
     """
 
     def __init__(
@@ -54,11 +75,15 @@ class RetryItem:
         countdown: float | None = None,
         eta: datetime | None = None,
         max_retries: int | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         self.exc = exc
         self.countdown = countdown
         self.eta = eta
         self.max_retries = max_retries
+        self.kwargs = kwargs
+        self.options = options
 
     def __repr__(self) -> str:
         return f"RetryItem(exc={self.exc!r}, countdown={self.countdown!r})"
@@ -85,6 +110,47 @@ class BatchOptions:
         self.bind = bind
 
 
+class BatchRequest(Context):  # type: ignore[misc]
+    """One item's request in ``self.request.batch``: Celery's task request for that item (``req.id``,
+    ``req.retries``, ``req.eta``, ``req.args``, ``req.headers``, ``req.get("x", default)``...), as ``self.request``
+    is in a plain task. ``req["retries"]`` (the dicts of earlier versions) still reads the same fields."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+
+class BatchCallRetry(Exception):  # noqa: N818 - a signal to the batch runner, like Celery's Retry
+    """``self.retry()`` was called inside a batched task's call: every item of the call is retried with ``item``.
+
+    Raised out of the user's function and caught by the batch runner (never seen by Celery).
+    """
+
+    def __init__(self, item: RetryItem) -> None:
+        super().__init__(item)
+        self.item = item
+
+
+def retry_call(task: Any, args: Any, kwargs: Any, exc: BaseException | None, throw: bool, eta: datetime | None,
+               countdown: float | None, max_retries: int | None, options: dict[str, Any]) -> Any:
+    """``task.retry(...)`` inside a batched task's call (see the module docstring): raises
+    :class:`BatchCallRetry`; with ``throw=False`` records the retry on the call's request and returns a ``Retry``."""
+    from celery.exceptions import Retry
+
+    if args is not None:
+        raise BatchArgumentError(
+            f"self.retry(args=...) inside batched task {task.name}: each item of the call is retried with its own "
+            "argument; pass kwargs= (shared keyword arguments) or return RetryItem for single items"
+        )
+    item = RetryItem(exc=exc, countdown=countdown, eta=eta, max_retries=max_retries, kwargs=kwargs, **options)
+    if throw:
+        raise BatchCallRetry(item)
+    task.request.batch_retry = item
+    return Retry(exc=exc, when=eta or countdown)
+
+
 def item_of(name: str, args: Sequence[Any]) -> Any:
     """The item of one call: its single positional argument."""
     if len(args) != 1:
@@ -98,8 +164,8 @@ def item_of(name: str, args: Sequence[Any]) -> Any:
 def resolve(task: Any, outcome: Any) -> Any:
     """Turn one item's outcome into what its Celery task returns or raises."""
     if isinstance(outcome, RetryItem):
-        raise task.retry(exc=outcome.exc, countdown=outcome.countdown, eta=outcome.eta,
-                         max_retries=outcome.max_retries)
+        raise task.retry(kwargs=outcome.kwargs, exc=outcome.exc, countdown=outcome.countdown, eta=outcome.eta,
+                         max_retries=outcome.max_retries, **outcome.options)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome

@@ -14,9 +14,26 @@ from typing import Any
 
 from celery.result import ResultSet
 
-__all__ = ["GPUTaskMixin", "ItemResults", "with_mixin"]
+__all__ = ["SUBMIT_OPTIONS", "GPUTaskMixin", "ItemResults", "with_mixin"]
 
 _classes: dict[type, type] = {}
+
+#: The options :meth:`GPUTaskMixin.submit_many` passes to each ``apply_async``: Celery's ``Task.apply_async`` and
+#: ``app.send_task`` options and kombu's ``publish`` options and message properties. Anything else is refused,
+#: because Celery would send it silently as a message property: a task's own keyword argument
+#: (``submit_many(items, scale=3.0)``) belongs in ``kwargs=``. Add here an option a later version learns.
+SUBMIT_OPTIONS = frozenset({
+    # Celery: when, where, how the task runs and what follows it
+    "countdown", "eta", "expires", "queue", "exchange", "exchange_type", "routing_key", "priority", "route_name",
+    "router", "link", "link_error", "shadow", "ignore_result", "time_limit", "soft_time_limit", "add_to_parent",
+    "group_id", "group_index", "chord", "chain", "root_id", "parent_id", "reply_to", "retries",
+    "replaced_task_nesting", "task_type", "result_cls", "argsrepr", "kwargsrepr", "stamped_headers", "stamps",
+    "connection", "publisher",
+    # kombu: how the message is published
+    "serializer", "compression", "headers", "retry", "retry_policy", "declare", "delivery_mode", "mandatory",
+    "immediate", "expiration", "timeout", "confirm_timeout", "correlation_id", "content_type", "content_encoding",
+    "user_id", "app_id",
+})
 
 
 class ItemResults(ResultSet):  # type: ignore[misc]
@@ -55,6 +72,18 @@ class GPUTaskMixin:
                 options["kwargsrepr"] = brief
         return super().apply_async(args, kwargs, **options)  # type: ignore[misc]
 
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+              eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
+              **options: Any) -> Any:
+        """Celery's ``Task.retry``; inside a batched task's call it retries every item of the call, each as its own
+        Celery retry (see :mod:`celery_gpu.tasks.batched`)."""
+        task: Any = self
+        if getattr(task.request, "in_batch_call", False):
+            from .batched import retry_call
+
+            return retry_call(task, args, kwargs, exc, throw, eta, countdown, max_retries, options)
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)  # type: ignore[misc]
+
     def submit_many(
         self, items: Iterable[Any], *, kwargs: dict[str, Any] | None = None, chunk: int = 1000, **options: Any,
     ) -> ItemResults:
@@ -64,13 +93,19 @@ class GPUTaskMixin:
             items: the items; each becomes the single positional argument of one task.
             kwargs: keyword arguments shared by every task.
             chunk: messages per broker round trip where the transport batches publishes (Redis).
-            **options: any ``apply_async`` option (``queue``, ``countdown``, ``priority``...).
+            **options: any ``apply_async`` option (``queue``, ``countdown``, ``priority``...; the list is
+                :data:`SUBMIT_OPTIONS`, plus the stamps named in ``stamped_headers``).
+
+        Raises:
+            TypeError: an option ``apply_async`` does not know (a task's keyword argument goes in ``kwargs=``),
+                or ``task_id`` (each item is a task of its own id).
 
         Returns:
             An :class:`ItemResults` (a Celery ``ResultSet``) of the tasks' results, in order: ``.get()`` waits
             for all, ``.results`` are the per-item ``AsyncResult``.
         """
         task: Any = self
+        _check_options(task.name, options)
         results = []
         with task.app.producer_or_acquire(options.pop("producer", None)) as producer:
             batch = getattr(producer, "batch", None)
@@ -79,6 +114,20 @@ class GPUTaskMixin:
                     for item in start_items:
                         results.append(task.apply_async((item,), kwargs or {}, producer=producer, **options))
         return ItemResults(results, app=task.app)
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse what :meth:`GPUTaskMixin.submit_many` would otherwise send silently as a message property."""
+    if "task_id" in options:
+        raise TypeError(f"{name}.submit_many() got task_id=: each item is a task with an id of its own")
+    stamps = options.get("stamped_headers") or ()
+    unknown = sorted(k for k in options if k not in SUBMIT_OPTIONS and k != "producer" and k not in stamps)
+    if unknown:
+        shown = ", ".join(f"{k}={options[k]!r}" for k in unknown)
+        raise TypeError(
+            f"{name}.submit_many() got unknown option(s) {', '.join(map(repr, unknown))}: options go to "
+            f"apply_async; keyword arguments of the task go in kwargs= (submit_many(items, kwargs=dict({shown})))"
+        )
 
 
 def _configured(app: Any, key: str) -> bool:

@@ -73,6 +73,7 @@ class Failure(TypedDict):
     requeue: bool  # Reject(requeue=...)
     traceback: str
     internal: bool  # billiard's ExceptionInfo.internal
+    repr: str  # what Celery's task events show of it (prefork's ``exception`` field); "" when unknown
 
 
 class _Outcome(TypedDict):
@@ -203,10 +204,10 @@ FromDevice = ReadyFrame | HeartbeatFrame | PoisonedFrame | SetupFailedFrame | Do
 
 
 def failure(type_: str, module: str, message: str, *, kind: FailureFlow = "error", requeue: bool = False,
-            traceback: str = "", internal: bool = False) -> Failure:
-    """A :class:`Failure` record."""
+            traceback: str = "", internal: bool = False, shown: str = "") -> Failure:
+    """A :class:`Failure` record (``shown``: its ``repr`` field)."""
     return {"kind": kind, "type": type_, "module": module, "message": message, "requeue": requeue,
-            "traceback": traceback, "internal": internal}
+            "traceback": traceback, "internal": internal, "repr": shown}
 
 
 def failed_outcome(exc: Failure, runtime: float = 0.0) -> Outcome:
@@ -315,7 +316,8 @@ def _failure(obj: Any) -> Failure:
     kind = d.get("kind")
     return failure(str(d.get("type") or "Exception"), str(d.get("module") or "builtins"), str(d.get("message", "")),
                    kind=kind if kind in _KINDS else "error", requeue=bool(d.get("requeue")),
-                   traceback=str(d.get("traceback") or ""), internal=bool(d.get("internal")))
+                   traceback=str(d.get("traceback") or ""), internal=bool(d.get("internal")),
+                   shown=str(d.get("repr") or ""))
 
 
 def _outcome(obj: Any) -> Outcome:
@@ -424,13 +426,15 @@ class StartSpec:
     slot: int
     fd: int  # the inherited socket
     max_frame: int
+    threads: int | None = None  # CPU threads of a CPU-device process (torch.set_num_threads); None: unchanged
 
     def dumps(self) -> str:
         """The JSON put in :data:`SPEC_ENV`."""
         a = self.app
         return json.dumps({"app": a.app, "modules": a.modules, "sys_path": a.sys_path, "hostname": a.hostname,
                            "loglevel": a.loglevel, "logfile": a.logfile, "fd": self.fd,
-                           "device": self.device.to_wire(), "slot": self.slot, "max_frame": self.max_frame})
+                           "device": self.device.to_wire(), "slot": self.slot, "max_frame": self.max_frame,
+                           "threads": self.threads})
 
     @classmethod
     def loads(cls, text: str) -> StartSpec:
@@ -438,4 +442,6 @@ class StartSpec:
         d = json.loads(text)
         app = AppSpec(str(d["app"]), list(d["modules"]), list(d["sys_path"]), str(d["hostname"]),
                       int(d["loglevel"]), d.get("logfile"))
-        return cls(app, Device.from_wire(d["device"]), int(d["slot"]), int(d["fd"]), int(d["max_frame"]))
+        threads = d.get("threads")
+        return cls(app, Device.from_wire(d["device"]), int(d["slot"]), int(d["fd"]), int(d["max_frame"]),
+                   int(threads) if threads else None)

@@ -19,12 +19,14 @@ import sys
 import time
 from typing import Any
 
+from celery import signals
 from celery.concurrency.base import BasePool
 
 from ..devices import Device, discover
 from ..errors import FrameError
 from ..observe import control
 from ..observe.backlog import BacklogSampler, consumed_queues
+from ..observe.health import TAKING_WORK, notify_systemd
 from ..observe.readings import Readings
 from ..observe.snapshot import Status
 from ..observe.telemetry import Telemetry
@@ -34,7 +36,7 @@ from ..settings import Settings
 from ..tasks.batched import BatchOptions
 from ..wire import protocol
 from ..wire.appref import locate_app
-from . import snapshot
+from . import flags, snapshot
 from .admission import MemoryBook
 from .loop import HubLoop, ThreadLoop, call_safely
 from .outcomes import Outcomes
@@ -87,6 +89,8 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._publish_at = 0.0
         self._exporter: Any = None
         self._backlog: BacklogSampler | None = None
+        self._consumer_ready = False  # Celery's worker_ready: the consumer has connected
+        self._announced = False  # the worker's readiness was logged (and told to systemd) once
 
     # -- Celery's pool API ------------------------------------------------------------------------------
 
@@ -104,6 +108,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         )
         logger.info("celery-gpu: %d device process(es) on %s", len(self.slots),
                     ", ".join(f"{d.label} ({d.name})" for d in self.devices))
+        flags.emit()  # what the command line asked for that this pool does otherwise (worker_init noted it)
         if self._threaded:
             self._attach(ThreadLoop())
         for slot in self.slots:
@@ -112,6 +117,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._loop.start()
         control.register_command()  # for a pool whose app has no GPU(app) (celery-gpu worker -A plain_app)
         control.register_source(self)
+        signals.worker_ready.connect(self._on_worker_ready, weak=False)
         claims.defer_fetch()  # this process decodes bodies (Celery's Request) but never runs them
         if self.settings.backlog_interval:
             self._backlog = BacklogSampler(self.app, lambda: consumed_queues(self.app),
@@ -167,6 +173,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
 
         Tasks not yet started stay unacknowledged and return to the broker with the worker's connection.
         """
+        notify_systemd("STOPPING=1")
         self.supervisor.closing = True
         if isinstance(self._loop, ThreadLoop):
             self._loop.stop()
@@ -192,10 +199,10 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.supervisor.closing = True
 
     def status(self) -> Status:
-        """Devices, their readings, processes, counters and histograms, as plain data (``inspect gpu``, the
-        ``worker-gpu`` event, the metrics exporter). Call it on the pool's loop thread."""
+        """Readiness, devices, their readings, processes, counters and histograms, as plain data (``inspect gpu``,
+        the ``worker-gpu`` event, the metrics endpoint). Call it on the pool's loop thread."""
         return snapshot.status(self._hostname, self.devices, self.slots, self.scheduler, self.telemetry,
-                               self._readings, self._backlog)
+                               self._readings, self._consumer_ready, self._backlog)
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
@@ -355,6 +362,15 @@ class GPUPool(BasePool):  # type: ignore[misc]
             self._publish_at = now + PUBLISH_EVERY
             self.published = self.status()
         self.supervisor.tick(now)
+        if not self._announced and self._consumer_ready and all(s.state in TAKING_WORK for s in self.slots):
+            self._announced = True  # once: later restarts of a process are the pool's business, not a start-up
+            logger.info("celery-gpu: %s ready: %d device process(es) take work", self._hostname, len(self.slots))
+            notify_systemd(f"READY=1\nSTATUS={len(self.slots)} device process(es) take work")
+
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        """Celery's ``worker_ready``: this pool's consumer has connected (half of the worker's readiness)."""
+        if getattr(sender, "pool", None) is self:
+            self._consumer_ready = True
 
     def _start_exporter(self) -> None:
         from ..observe.metrics import start_exporter
@@ -363,13 +379,14 @@ class GPUPool(BasePool):  # type: ignore[misc]
         try:
             self._exporter = start_exporter(self.settings.metrics_port, lambda: self.published,
                                             addr=self.settings.metrics_addr)
-        except (OSError, RuntimeError) as exc:  # the port is taken, prometheus-client is missing...
+        except OSError as exc:  # the port is taken, the address is not this host's...
             logger.error("celery-gpu: no metrics endpoint: %s; the worker runs without it", exc)
         else:
-            logger.info("celery-gpu: metrics on http://%s:%d/metrics", self.settings.metrics_addr,
-                        self._exporter.port)
+            logger.info("celery-gpu: metrics on http://%s:%d/metrics (readiness /ready, liveness /health)",
+                        self.settings.metrics_addr, self._exporter.port)
 
     def _stop_monitoring(self) -> None:
+        signals.worker_ready.disconnect(self._on_worker_ready)
         control.unregister_source(self)
         if self._backlog is not None:
             self._backlog.stop()

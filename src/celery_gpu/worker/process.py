@@ -149,15 +149,19 @@ class Slot:
 
     # -- the process -------------------------------------------------------------------------------------------
 
-    def spawn(self, app: protocol.AppSpec, max_frame: int) -> None:
-        """Start a fresh interpreter pinned to this slot's device (``CUDA_VISIBLE_DEVICES`` set before it starts)."""
+    def spawn(self, app: protocol.AppSpec, max_frame: int, threads: int | None = None,
+              thread_env: dict[str, str] | None = None) -> None:
+        """Start a fresh interpreter pinned to this slot's device (``CUDA_VISIBLE_DEVICES`` set before it starts;
+        on the CPU device its thread budget too: ``threads``, ``thread_env``)."""
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
+        env = dict(os.environ, **(thread_env or {}))
+        env.pop("NOTIFY_SOCKET", None)  # systemd's readiness is the worker's to tell, not a device process's
         env["CUDA_VISIBLE_DEVICES"] = self.device.cuda_visible_devices
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's indices then match NVML's
         env["CELERY_GPU_DEVICE"] = self.device.label
         env["CELERY_GPU_SLOT_INDEX"] = str(self.index)
-        env[protocol.SPEC_ENV] = protocol.StartSpec(app, self.device, self.index, theirs.fileno(), max_frame).dumps()
+        env[protocol.SPEC_ENV] = protocol.StartSpec(app, self.device, self.index, theirs.fileno(), max_frame,
+                                                    threads).dumps()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery_gpu.device"], env=env, pass_fds=[theirs.fileno()],

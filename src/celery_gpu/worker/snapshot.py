@@ -8,6 +8,7 @@ from typing import Any, cast
 
 from ..devices import Device
 from ..observe.backlog import BacklogSampler
+from ..observe.health import readiness
 from ..observe.readings import Readings
 from ..observe.snapshot import DeviceInfo, DeviceStatus, ScalingInfo, SlotStatus, Status, TaskScaling
 from ..observe.telemetry import Telemetry
@@ -59,16 +60,18 @@ def scaling(scheduler: Scheduler, telemetry: Telemetry, backlog: BacklogSampler 
 
 
 def status(hostname: str, devices: list[Device], slots: list[Slot], scheduler: Scheduler, telemetry: Telemetry,
-           readings: Readings, backlog: BacklogSampler | None = None) -> Status:
-    """The whole picture of a pool: devices with live readings, processes, counters, batching, histograms, costs
-    and autoscaling signals."""
-    return {
-        "hostname": hostname, "timestamp": time.time(), "pending": len(scheduler),
+           readings: Readings, consumer_ready: bool = True, backlog: BacklogSampler | None = None) -> Status:
+    """The whole picture of a pool: readiness, devices with live readings, processes, counters, batching,
+    histograms, costs and autoscaling signals."""
+    snap: Status = {
+        "hostname": hostname, "timestamp": time.time(), "ready": False, "waiting_for": [], "pending": len(scheduler),
         "devices": [_device_status(d, slots, scheduler, telemetry, readings) for d in devices],
         "batching": scheduler.batching(), "histograms": telemetry.histograms(), "memory": scheduler.book.info(),
         "costs": telemetry.costs(), "scaling": scaling(scheduler, telemetry, backlog),
         "expired": dict(sorted(telemetry.expired.items())),
     }
+    snap["ready"], snap["waiting_for"] = readiness(snap, consumer_ready)
+    return snap
 
 
 def stats(devices: list[Device], slots: list[Slot], scheduler: Scheduler) -> dict[str, Any]:

@@ -10,6 +10,7 @@ supervisor hands ``done`` frames to the pool, and the work of a process that die
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import signal
 import time
@@ -27,6 +28,7 @@ from .loop import HubLoop, ThreadLoop, call_safely
 from .outcomes import Outcomes
 from .process import Slot, exit_status
 from .scheduler import Scheduler
+from .threads import thread_env
 from .work import Work
 
 __all__ = ["TICK", "Supervisor"]
@@ -68,8 +70,12 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         """Start a process for ``slot`` (a failure to start counts as a failed start)."""
         assert self.app is not None, "spawn before the pool started"
+        threads, env = None, None
+        if slot.device.kind == "cpu":  # a thread budget, so the CPU device's processes do not oversubscribe it
+            cpu_slots = sum(s.device.kind == "cpu" for s in self.slots)
+            threads, env = thread_env(self.settings.cpu_threads, cpu_slots, os.environ)
         try:
-            slot.spawn(self.app, self.settings.max_frame)
+            slot.spawn(self.app, self.settings.max_frame, threads, env)
         except OSError as exc:
             logger.error("celery-gpu: cannot start a process for %s: %s", slot.label, exc)
             self._schedule_respawn(slot, failed_start=True)

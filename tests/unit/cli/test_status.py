@@ -108,7 +108,9 @@ def test_render_empty_cluster_says_so() -> None:
 
 def test_render_lists_workers_without_celery_gpu() -> None:
     text = status.render({}, others={"old@h": {"error": "KeyError('gpu')"}})
-    assert "old@h: error KeyError('gpu')" in text
+    assert "old@h: not a celery-gpu worker" in text
+    assert "error" not in status.render({}, others={"old@h": {"error": "No such command: gpu"}})
+    assert "new@h: error RuntimeError('x')" in status.render({}, others={"new@h": {"error": "RuntimeError('x')"}})
 
 
 class _Control:
@@ -218,3 +220,27 @@ def test_watch_redraws_until_ctrl_c(app_module: str, monkeypatch: pytest.MonkeyP
     assert main(["status", "-A", app_module, "--watch", "0.5"]) == 0
     out = capsys.readouterr().out
     assert sleeps == [0.5, 0.5] and out.startswith("\x1b[H\x1b[2Jcelery-gpu status  ")
+
+
+def test_cli_ready(app_module: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ready``: 0 only when every worker asked is ready; a worker of an older version (no ``ready`` field) is
+    judged from its slots; a named worker that does not answer, or answers without celery-gpu, is not ready."""
+    cluster = _cluster()
+    starting = dict(cluster["w1@gpu-a"], ready=False, waiting_for=["cuda:10#1 starting"])
+    _fake_fetch(monkeypatch, status.Replies({"w1@gpu-a": dict(cluster["w1@gpu-a"], ready=True, waiting_for=[])}, {}))
+    assert main(["status", "-A", app_module, "--ready", "-d", "w1@gpu-a"]) == 0
+    assert capsys.readouterr().out == "w1@gpu-a: ready\n"
+    _fake_fetch(monkeypatch, status.Replies({"w1@gpu-a": starting}, {}))
+    assert main(["status", "-A", app_module, "--ready"]) == 1
+    assert capsys.readouterr().out == "w1@gpu-a: not ready: cuda:10#1 starting\n"
+    old = {"hostname": "w1@gpu-a", "devices": [_device("cuda:0")]}  # no "ready": its slots (busy, idle) say it is
+    _fake_fetch(monkeypatch, status.Replies({"w1@gpu-a": old}, {"plain@h": {"error": "KeyError('gpu')"}}))
+    assert main(["status", "-A", app_module, "--ready", "-d", "w1@gpu-a", "-d", "gone@h", "--json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["ready"] is False
+    assert verdict["workers"]["w1@gpu-a"] == {"ready": True, "waiting_for": []}
+    assert verdict["workers"]["gone@h"]["waiting_for"] == ["no answer within 1s"]
+    assert "not a celery-gpu worker" in verdict["workers"]["plain@h"]["waiting_for"][0]
+    _fake_fetch(monkeypatch, status.Replies({}, {}))
+    assert main(["status", "-A", app_module, "--ready"]) == 1
+    assert "no celery-gpu worker answered" in capsys.readouterr().out

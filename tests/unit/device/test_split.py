@@ -11,7 +11,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery_gpu import GPU, BatchResultMismatch, RetryItem
 from celery_gpu.device.context import DeviceContext
 from celery_gpu.device.split import call_batch as _call_batch
-from celery_gpu.tasks.batched import resolve
+from celery_gpu.tasks.batched import BatchRequest, resolve
 from tests.unit.batched_tasks import make_task
 
 _ctx = DeviceContext()
@@ -104,9 +104,76 @@ def test_bound_batched_task_sees_each_items_request(gpu_app: tuple[Celery, GPU])
     got: list[Any] = []
 
     def bound(self: Any, items: list[int]) -> list[int]:
-        got.append([r["id"] for r in self.request.batch])
+        got.append([r.id for r in self.request.batch])
         return items
 
     task = gpu_app[1].task(name="t.bound", batch=4, bind=True)(bound)
-    assert call_batch(task, [1, 2], {}, [{"id": "a"}, {"id": "b"}]) == [1, 2]
+    assert call_batch(task, [1, 2], {}, [BatchRequest({"id": "a"}), BatchRequest({"id": "b"})]) == [1, 2]
     assert got == [["a", "b"]]
+
+
+# -- self.retry() inside a call (issue 16) ----------------------------------------------------------------
+
+
+def _requests(*retries: int) -> list[Any]:
+    from celery_gpu.tasks.batched import BatchRequest
+
+    return [BatchRequest({"id": f"id{i}", "retries": n}, called_directly=False) for i, n in enumerate(retries)]
+
+
+def test_self_retry_in_a_call_retries_every_item_of_it_without_bisecting(gpu_app: tuple[Celery, GPU]) -> None:
+    calls: list[list[int]] = []
+    reason = KeyError("not yet")
+
+    def bound(self: Any, items: list[int]) -> list[int]:
+        calls.append(list(items))
+        raise self.retry(exc=reason, countdown=3, max_retries=5, kwargs={"k": 1}, queue="later")
+
+    task = gpu_app[1].task(name="t.retry_call", batch=4, bind=True)(bound)
+    out = call_batch(task, [1, 2, 3], {}, _requests(0, 1, 2))
+    assert calls == [[1, 2, 3]]  # one call: a retry is not a failure to bisect
+    assert len(out) == 3 and all(isinstance(o, RetryItem) for o in out)
+    item = out[0]
+    assert (item.exc, item.countdown, item.max_retries, item.kwargs, item.options) == (reason, 3, 5, {"k": 1},
+                                                                                        {"queue": "later"})
+    assert task.request.id is None and not getattr(task.request, "in_batch_call", False)  # the call's request popped
+
+
+def test_self_retry_throw_false_retries_the_call_and_discards_its_results(gpu_app: tuple[Celery, GPU]) -> None:
+    from celery.exceptions import Retry
+
+    got: list[Any] = []
+
+    def bound(self: Any, items: list[int]) -> list[int]:
+        got.append(self.retry(countdown=1, throw=False))
+        return items
+
+    task = gpu_app[1].task(name="t.retry_nothrow", batch=4, bind=True)(bound)
+    out = call_batch(task, [1, 2], {}, _requests(0, 0))
+    assert isinstance(got[0], Retry)
+    assert all(isinstance(o, RetryItem) and o.countdown == 1 for o in out)
+
+
+def test_self_retry_with_args_in_a_call_fails_its_items_by_name(gpu_app: tuple[Celery, GPU]) -> None:
+    from celery_gpu import BatchArgumentError
+
+    def bound(self: Any, items: list[int]) -> list[int]:
+        raise self.retry(args=(1,))
+
+    task = gpu_app[1].task(name="t.retry_args", batch=4, bind=True)(bound)
+    out = call_batch(task, [1, 2], {}, _requests(0, 0))
+    assert all(isinstance(o, BatchArgumentError) and "kwargs=" in str(o) for o in out)
+
+
+def test_batch_requests_have_celerys_request_attributes(gpu_app: tuple[Celery, GPU]) -> None:
+    got: list[Any] = []
+
+    def bound(self: Any, items: list[int]) -> list[int]:
+        got.extend((r.id, r.retries, r.eta, r["retries"], r.get("nope", "dflt")) for r in self.request.batch)
+        return items
+
+    task = gpu_app[1].task(name="t.attrs", batch=4, bind=True)(bound)
+    assert call_batch(task, [1, 2], {}, _requests(0, 2)) == [1, 2]
+    assert got == [("id0", 0, None, 0, "dflt"), ("id1", 2, None, 2, "dflt")]
+    with pytest.raises(KeyError):
+        _requests(0)[0]["no_such_field"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -251,8 +252,13 @@ def test_without_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(RuntimeError, match=r"pip install 'celery-gpu\[prometheus\]'"):
         render(_snapshot())
-    with pytest.raises(RuntimeError, match="prometheus-client"):
-        start_exporter(0, lambda: None)
+    exporter = start_exporter(0, lambda: None, addr="127.0.0.1")  # /ready and /health need no prometheus-client
+    try:
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            _scrape(exporter.port)
+        assert raised.value.code == 503 and b"pip install 'celery-gpu[prometheus]'" in raised.value.read()
+    finally:
+        exporter.stop()
 
 
 # -- start_exporter ----------------------------------------------------------------------------------------

@@ -50,3 +50,18 @@ def test_outside_a_worker_the_function_gets_a_one_item_list(gpu_app: tuple[Celer
     assert task.apply(args=(5,)).get() == 10
     assert seen == [[4], [5]]
     assert task.gpu_batch.size == 8
+
+
+def test_outside_a_worker_self_retry_and_request_batch_behave_as_in_one(gpu_app: tuple[Celery, GPU]) -> None:
+    """Eager mode (``apply``): ``self.request.batch`` holds the item's request and ``self.retry()`` retries it as
+    Celery's eager retry does, up to ``max_retries``, then raises ``exc``."""
+    seen: list[tuple[list[str], int]] = []
+
+    def flaky(self: object, items: list[str]) -> list[str]:
+        seen.append((list(items), self.request.batch[0].retries))  # type: ignore[attr-defined]
+        raise self.retry(exc=KeyError("not yet"))  # type: ignore[attr-defined]
+
+    task = gpu_app[1].task(name="t.eager_retry", batch=4, bind=True, max_retries=2, default_retry_delay=0)(flaky)
+    result = task.apply(args=("a",))
+    assert result.state == "FAILURE" and isinstance(result.result, KeyError)
+    assert seen == [(["a"], 0), (["a"], 1), (["a"], 2)]

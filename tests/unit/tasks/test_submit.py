@@ -48,6 +48,56 @@ def test_submit_many_sends_one_task_per_item(gpu_app: tuple[Celery, GPU]) -> Non
         task.submit_many([1], kwargs={"nope": 1})
 
 
+
+def test_submit_many_refuses_an_option_apply_async_does_not_know(gpu_app: tuple[Celery, GPU],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scale=3.0`` would reach the message as a property and the task would never see it (issue 16)."""
+    app, gpu = gpu_app
+    app.conf.broker_url = "memory://"
+    app.conf.result_backend = "cache+memory://"
+
+    def scaled(items: list[int], scale: float = 1.0) -> list[float]:
+        return [scale * x for x in items]
+
+    task = make_task(gpu, scaled)
+    sent: list[tuple[Any, dict[str, Any]]] = []
+    from celery.app.task import Task
+
+    def apply_async(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        sent.append((kwargs, options))
+        return app.AsyncResult(f"id-{len(sent)}")
+
+    monkeypatch.setattr(Task, "apply_async", apply_async)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'scale'.*kwargs=dict\(scale=3.0\)"):
+        task.submit_many([1, 2], scale=3.0)
+    with pytest.raises(TypeError, match="task_id"):
+        task.submit_many([1, 2], task_id="one-id")
+    assert sent == []  # refused before anything was published
+    task.submit_many([1], kwargs={"scale": 3.0}, queue="q", countdown=1, priority=3, stamped_headers=["tenant"],
+                     tenant="acme")
+    [(kwargs, options)] = sent
+    assert kwargs == {"scale": 3.0}
+    assert (options["queue"], options["countdown"], options["priority"], options["tenant"]) == ("q", 1, 3, "acme")
+
+
+def test_every_known_submit_option_is_an_option_of_celery_or_kombu() -> None:
+    """The list of known options names real parameters (a typo there would let a wrong option through)."""
+    import inspect
+
+    from celery.app.amqp import AMQP
+    from celery.app.base import Celery as App
+    from celery.app.task import Task
+    from kombu.messaging import Producer
+
+    from celery_gpu.tasks.submit import SUBMIT_OPTIONS
+
+    named = set()
+    for fn in (Task.apply_async, App.send_task, AMQP.as_task_v2, Producer.publish):
+        named |= set(inspect.signature(fn).parameters)
+    properties = {"correlation_id", "reply_to", "expiration", "user_id", "app_id", "content_type",
+                  "content_encoding", "exchange_type", "queue", "stamps", "argsrepr", "kwargsrepr"}
+    assert SUBMIT_OPTIONS - named - properties == set()
+
 def test_gpu_tasks_send_arrays_with_the_arrays_serializer_and_a_short_argsrepr(gpu_app: tuple[Celery, GPU]) -> None:
     import numpy as np
 

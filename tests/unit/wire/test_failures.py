@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 import pytest
-from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.einfo import ExceptionInfo
 from celery.exceptions import Ignore, Reject, Retry
 
 from celery_gpu.wire.failures import describe_failure
@@ -17,7 +17,7 @@ from celery_gpu.wire.frames import Channel
 
 def _failure(**overrides: Any) -> dict[str, Any]:
     d = {"kind": "error", "type": "ValueError", "module": "builtins", "message": "boom", "requeue": False,
-         "traceback": "", "internal": False}
+         "traceback": "", "internal": False, "repr": ""}
     d.update(overrides)
     return d
 
@@ -108,9 +108,7 @@ def test_einfo_keeps_the_remote_traceback() -> None:
     assert einfo.traceback == REMOTE_TB
     assert str(einfo) == REMOTE_TB
     assert einfo.type is type(exc)
-    assert isinstance(einfo.exception, ExceptionWithTraceback)
-    assert einfo.exception.exc is exc
-    assert "/srv/proj/tasks.py" in einfo.exception.tb
+    assert einfo.exception is exc  # as a prefork child's result unpickles: the exception, not billiard's wrapper
     assert einfo.internal is False
 
 
@@ -118,7 +116,7 @@ def test_einfo_without_remote_traceback_is_local() -> None:
     exc = RuntimeError("lost")
     einfo = _einfo(exc)
     assert einfo.type is RuntimeError
-    assert einfo.exception.exc is exc
+    assert einfo.exception is exc
     assert "RuntimeError: lost" in einfo.traceback
     assert "Traceback" in einfo.traceback
 
@@ -209,3 +207,35 @@ def test_control_flow_exceptions_round_trip(exc: BaseException, cls: type[BaseEx
     assert type(rebuilt) is cls
     if isinstance(rebuilt, Reject):
         assert rebuilt.requeue is True
+
+
+# -- what Celery's task events show (issue 16) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc", [ValueError("Unsupported input type: int"), KeyError("gpu"), OSError(2, "gone")])
+def test_a_rebuilt_error_shows_the_repr_the_device_process_saw(exc: BaseException) -> None:
+    d = describe_failure(_raised(exc))
+    assert d["repr"] == repr(exc)
+    rebuilt = _remote_exception(d)
+    assert repr(rebuilt) == repr(exc)  # Celery's task-failed event: safe_repr(exception)
+    assert type(rebuilt).__name__ == type(exc).__name__
+
+
+def test_a_rebuilt_retry_shows_its_reason_as_prefork_does() -> None:
+    rebuilt = _remote_exception(describe_failure(_raised(Retry("Retry in 1s", exc=ValueError("flaky")))))
+    assert type(rebuilt) is Retry
+    assert repr(rebuilt.exc) == "ValueError('flaky')"  # Celery's task-retried event: safe_repr(exc.exc)
+    assert str(rebuilt) == "Retry in 1s"
+
+
+def test_a_record_without_a_repr_falls_back_to_name_and_message() -> None:
+    assert repr(_remote_exception(_failure(type="ShapeMismatch", message="3 != 4"))) == "ShapeMismatch('3 != 4')"
+
+
+def test_the_repr_crosses_the_protocol_reader() -> None:
+    from celery_gpu.wire import protocol
+
+    frame = protocol.read({"t": "done", "job": 1, "failed": True, "runtime": 0.1,
+                           "exc": describe_failure(_raised(KeyError("gpu")))})
+    assert frame is not None and frame["t"] == "done"
+    assert frame["exc"]["repr"] == "KeyError('gpu')"

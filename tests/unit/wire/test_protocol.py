@@ -54,7 +54,7 @@ def test_reading_fills_every_field_a_confused_process_left_out() -> None:
     done = protocol.read({"t": "done", "failed": True, "exc": {"message": 5}})
     assert done == {"t": "done", "job": -1, "mem": 0, "failed": True, "runtime": 0.0,
                     "exc": {"kind": "error", "type": "Exception", "module": "builtins", "message": "5",
-                            "requeue": False, "traceback": "", "internal": False}}
+                            "requeue": False, "traceback": "", "internal": False, "repr": ""}}
     batch = protocol.read({"t": "batch_done", "job": 2, "items": "not a list", "calls": None})
     assert batch == {"t": "batch_done", "job": 2, "calls": 0, "mem": 0, "items": []}
     odd = protocol.read({"t": "batch_done", "job": 2, "items": [None, {"failed": False, "retval": "x"}]})
@@ -75,6 +75,10 @@ def test_the_start_up_description_round_trips_with_the_keys_of_0_1() -> None:
     app = protocol.AppSpec("proj:app", ["proj.tasks"], ["/srv"], "gpu@host", 20, None)
     spec = protocol.StartSpec(app, Device(1, "fake", "fake-1", 1024), 0, 7, 1 << 20)
     text = spec.dumps()
-    assert set(json.loads(text)) == {"app", "modules", "sys_path", "hostname", "loglevel", "logfile", "fd",
-                                     "device", "slot", "max_frame"}
+    keys_01 = {"app", "modules", "sys_path", "hostname", "loglevel", "logfile", "fd", "device", "slot", "max_frame"}
+    assert set(json.loads(text)) == keys_01 | {"threads"}  # 0.2 adds the CPU thread budget (issue 16)
     assert protocol.StartSpec.loads(text) == spec
+    old = {k: v for k, v in json.loads(text).items() if k in keys_01}  # a pool of 0.1 starting this code
+    assert protocol.StartSpec.loads(json.dumps(old)) == spec
+    budgeted = protocol.StartSpec(app, Device(0, "cpu", "cpu", 1024), 1, 7, 1 << 20, threads=3)
+    assert protocol.StartSpec.loads(budgeted.dumps()).threads == 3

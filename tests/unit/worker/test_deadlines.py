@@ -14,7 +14,7 @@ from celery import Celery
 
 from celery_gpu import GPU
 from celery_gpu.worker.pool import GPUPool
-from tests.unit.worker.test_pool import FakeChan, FakeLoop, FakeRequest, frames, unwrap
+from tests.unit.worker.test_pool import FakeChan, FakeLoop, FakeRequest, frames
 
 
 class ExpiringRequest(FakeRequest):
@@ -101,4 +101,4 @@ def test_a_message_without_a_celery_request_fails_by_name(pool: GPUPool) -> None
                      error_callback=errors.append)
     time.sleep(0.06)
     wake(pool)
-    assert [type(unwrap(e.exception)).__name__ for e in errors] == ["TaskRevokedError"]
+    assert [type(e.exception).__name__ for e in errors] == ["TaskRevokedError"]

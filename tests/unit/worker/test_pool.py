@@ -105,10 +105,6 @@ def submit(pool: GPUPool, name: str, x: int, revoked: bool = False) -> FakeReque
     return req
 
 
-def unwrap(exc: Any) -> Any:
-    return getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback carries the remote traceback
-
-
 def frames(pool: GPUPool) -> list[dict[str, Any]]:
     return [f for s in pool.slots for f in s.chan.sent]  # type: ignore[union-attr]
 
@@ -146,7 +142,7 @@ def test_batch_done_ends_each_item_through_its_own_callbacks(pool: GPUPool) -> N
     pool.supervisor.on_readable(slot, slot.chan)  # type: ignore[arg-type]
     assert reqs[0].outcome == ("success", (0, "0", 0.1))
     assert reqs[1].outcome[0] == "success" and reqs[1].outcome[1][0] == 1  # failed=1, einfo for Celery
-    assert type(unwrap(reqs[1].outcome[1][1].exception)).__name__ == "ValueError"
+    assert type(reqs[1].outcome[1][1].exception).__name__ == "ValueError"
     assert reqs[2].outcome == ("success", (0, "4", 0.1))
     assert pool.scheduler.reserved[slot.device.label] == 0
     stats = pool._get_info()["batching"]["double"]
@@ -160,4 +156,4 @@ def test_a_malformed_outcome_list_fails_every_item_by_name(pool: GPUPool) -> Non
     slot.chan.inbox.append({"t": "batch_done", "job": slot.job.seq, "items": []})  # type: ignore[union-attr]
     pool.supervisor.on_readable(slot, slot.chan)  # type: ignore[arg-type]
     assert req.outcome[1][0] == 1
-    assert type(unwrap(req.outcome[1][1].exception)).__name__ == "FrameError"
+    assert type(req.outcome[1][1].exception).__name__ == "FrameError"
