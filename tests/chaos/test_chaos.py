@@ -173,7 +173,10 @@ def test_injected_oom_above_batch_8_splits_in_the_same_process_and_the_cap_grows
 
 def test_sticky_error_replaces_the_process_and_reports_nothing_after_it(redis_broker: Broker,
                                                                         tmp_path: Path) -> None:
-    w = start(redis_broker, tmp_path, devices="fake:1", faults="sticky_after=3", env={"TEST_BATCH": "4"})
+    # Every process of the one device poisons itself at its fourth call: a broken device, which gpu_sticky_limit
+    # would take out of service (tested below); here the replacement itself is under test.
+    w = start(redis_broker, tmp_path, devices="fake:1", faults="sticky_after=3",
+              env={"TEST_BATCH": "4", "CELERY_GPU_STICKY_LIMIT": "0"})
     try:
         first = slot_pids(w)["fake:0#0"]
         results = task(w, "work", batch=4).submit_many(range(40), kwargs={"pause": 0.02})

@@ -56,7 +56,8 @@ class Supervisor:
         self.app: protocol.AppSpec | None = None  # how device processes import the app (set when the pool starts)
         self.loop: HubLoop | ThreadLoop | None = None
         self.closing = False
-        self.sticky: dict[str, deque[float]] = defaultdict(deque)  # device label -> times of recent sticky errors
+        # device label -> (time, tasks in flight) of the recent sticky errors counted against it
+        self.sticky: dict[str, deque[tuple[float, frozenset[str]]]] = defaultdict(deque)
 
     # -- starting ------------------------------------------------------------------------------------------------
 
@@ -179,7 +180,11 @@ class Supervisor:
             self.spawn(slot)
 
     def _count_sticky(self, slot: Slot) -> None:
-        """One more sticky error on ``slot``'s device: out of service after ``sticky_limit`` in the window."""
+        """One more sticky error on ``slot``'s device: out of service after ``sticky_limit`` in the window.
+
+        An error counts only when none of the tasks in flight was in flight at an error counted before in the
+        window: a poison task that breaks every process it runs in (its re-runs, bounded by ``max_attempts``)
+        counts once; it is the task's fault, and its dead letter's business, not the device's."""
         label = slot.device.label
         self.telemetry.sticky_errors[label] += 1
         limit, window = self.settings.sticky_limit, self.settings.sticky_window
@@ -187,9 +192,12 @@ class Supervisor:
             return
         now = time.monotonic()
         recent = self.sticky[label]
-        recent.append(now)
-        while recent and now - recent[0] > window:
+        while recent and now - recent[0][0] > window:
             recent.popleft()
+        tasks = frozenset(job.task_id for job in slot.job.jobs) if slot.job is not None else frozenset()
+        if any(tasks & earlier for _, earlier in recent):
+            return
+        recent.append((now, tasks))
         if len(recent) >= limit:
             self.quarantine(slot, f"{len(recent)} sticky CUDA errors within {window:g}s "
                                   f"(gpu_sticky_limit={limit}); last: {slot.death}")

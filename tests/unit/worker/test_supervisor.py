@@ -65,7 +65,8 @@ def test_repeated_sticky_errors_take_the_device_out_of_service(pool: GPUPool) ->
     assert not pool.scheduler.quarantined, "one sticky error only replaces the process"
     poison(pool, 0)  # another device: its own count
     assert not pool.scheduler.quarantined
-    pool.supervisor.sticky["fake:1"][0] -= 61  # the first error of fake:1 falls out of the window
+    first = pool.supervisor.sticky["fake:1"][0]
+    pool.supervisor.sticky["fake:1"][0] = (first[0] - 61, first[1])  # the first error of fake:1 leaves the window
     poison(pool, 1)
     assert not pool.scheduler.quarantined
     pool.slots[0].state = "busy"
@@ -82,3 +83,17 @@ def test_repeated_sticky_errors_take_the_device_out_of_service(pool: GPUPool) ->
     assert pool.slots[0].job.jobs[0].deaths, "the task that was in flight, run again"
     req = submit(pool, "plain", 2)
     assert not req.accepted and len(pool.scheduler) == 1, "waits for fake:0: fake:1 takes no more work"
+
+
+def test_a_poison_task_that_breaks_every_process_it_runs_in_counts_once(pool: GPUPool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool.supervisor, "spawn", lambda slot: None)  # no processes here: the test revives it
+    pool.slots[0].state = "busy"
+    submit(pool, "plain", 1)  # runs on fake:1
+    for _ in range(3):  # its process poisoned, the task run again there, and again
+        poison(pool, 1)
+        pool.supervisor.on_exit(pool.slots[1])
+        pool.slots[1].state, pool.slots[1].chan = "idle", Chan()  # type: ignore[assignment]
+        pool._dispatch()
+    assert not pool.scheduler.quarantined, "the same task each time: the task's fault, not the device's"
+    assert pool.status()["devices"][1]["counters"]["sticky_errors"] == 3
