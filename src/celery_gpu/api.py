@@ -28,8 +28,11 @@ __all__ = ["GPU", "POOL", "Models"]
 
 #: The pool class path Celery loads through ``worker_pool``.
 POOL = "celery_gpu.worker.pool:GPUPool"
-#: The consumer bootsteps of a GPU app's workers (prefetch room for batches; bulk receive on Redis).
-CONSUMER_STEPS = ("celery_gpu.worker.consumer.prefetch:BatchPrefetch", "celery_gpu.worker.consumer.receive:BulkReceive")
+#: The consumer bootsteps of a GPU app's workers (prefetch room for batches; bulk receive on Redis; the
+#: malformed-message guard for the app's other tasks; the remote-control queue waited for after a reconnect).
+CONSUMER_STEPS = ("celery_gpu.worker.consumer.prefetch:BatchPrefetch", "celery_gpu.worker.consumer.receive:BulkReceive",
+                  "celery_gpu.worker.consumer.strategy:GuardStrategies",
+                  "celery_gpu.worker.consumer.control_queue:WaitForControlQueue")
 #: The task-message strategy of GPU tasks.
 STRATEGY = "celery_gpu.worker.consumer.strategy:gpu_strategy"
 

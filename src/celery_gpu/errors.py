@@ -20,6 +20,7 @@ __all__ = [
     "FaultSpecError",
     "ClaimMissing",
     "ClaimCorrupt",
+    "ClaimForged",
     "UnknownModel",
     "ModelLoadError",
 ]
@@ -95,6 +96,11 @@ class ClaimMissing(ArrayDecodeError, LookupError):
 
 class ClaimCorrupt(ArrayDecodeError):
     """A reference is malformed, or the stored payload does not match its size or SHA-256."""
+
+
+class ClaimForged(ClaimCorrupt):
+    """A reference names a key its store never makes (empty, a path, not 32 hex digits, another Redis key):
+    forged, or from another store. Nothing is read or deleted."""
 
 
 class UnknownModel(CeleryGPUError, LookupError):

@@ -107,6 +107,14 @@ def sleep(seconds: float) -> float:
     return seconds
 
 
+@gpu.task
+def sleep_marked(marker: str, seconds: float) -> int:
+    """Writes ``marker`` (its pid) when it starts, then sleeps: a task known to be running, on any transport."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
 @gpu.task(time_limit=1)
 def hang() -> None:
     time.sleep(60)

@@ -112,3 +112,10 @@ def gpu_assert_once(self: Any, marker: str) -> dict[str, Any]:
         x[torch.tensor([10], device=gpu.device.torch)] = 1.0
         torch.cuda.synchronize()
     return {"pid": os.getpid(), "call": call}
+
+
+@app.task(bind=True)
+def plain(self: Any, x: Any) -> dict[str, Any]:
+    """A plain Celery task of the app (not a GPU task): it runs in a device process too."""
+    call = _ledger([self.request.id])
+    return {"item": x, "pid": os.getpid(), "call": call}

@@ -1,4 +1,5 @@
-"""The device process: ``python -m celery_gpu.device``, started by the pool with its device already pinned.
+"""The device process: ``celery_gpu.device`` run as ``__main__`` (by the launcher of :mod:`celery_gpu.wire.launch`,
+which has tied it to its parent already), started by the pool with its device already pinned.
 
 It imports the Celery app, runs the ``@gpu.setup`` hooks once, tells the pool it is ready, then runs one
 task or batch at a time with Celery's own tracer (results stored in the backend from here, as in prefork),
@@ -8,7 +9,6 @@ and answers each with one ``done`` or ``batch_done`` frame. Everything on the pi
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -36,15 +36,6 @@ from .tracing import run_task
 __all__ = ["main"]
 
 Send = Callable[[Any], None]
-
-
-def _die_with_parent() -> None:
-    # Linux: the kernel SIGKILLs us when the worker's main process dies, so no device process is orphaned.
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:  # pragma: no cover
-            pass
 
 
 def _on_soft_limit(signum: int, frame: FrameType | None) -> None:
@@ -94,10 +85,10 @@ def _on_sticky(send: Send) -> Callable[[str, str], None]:
 
 
 def _prepare(spec: protocol.StartSpec, send: Send) -> DeviceContext:
-    """Signals, the parent-death signal, ``sys.path``, injected faults and the process name; the context."""
+    """Signals, ``sys.path``, injected faults and the process name; the context."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the worker's to handle (warm shutdown)
     signal.signal(signal.SIGUSR1, _on_soft_limit)
-    _die_with_parent()
+    # (PR_SET_PDEATHSIG was set before any import, by the command line that started us: wire/launch.py)
     sys.path[:] = spec.app.sys_path
     device = spec.device
     injected = faults.activate(device.kind, device.index)
@@ -147,6 +138,7 @@ def _serve(ctx: DeviceContext, app: Any, chan: Channel, send: Send, device: Devi
             return
         if kind == "cancel":
             continue  # came after its batch had already ended
+        chan.trim()  # new work: the pool has read our last reply (a huge result's pages go back)
         reply: Any = run_batch(ctx, app, frame, hostname, chan) if kind == "batch" else run_task(ctx, app, frame,
                                                                                               hostname)
         reply["mem"] = memory.in_use(ctx, device.kind)  # the pool recycles a process whose memory grows too far
@@ -155,6 +147,7 @@ def _serve(ctx: DeviceContext, app: Any, chan: Channel, send: Send, device: Devi
         send(reply)
         del reply
         del frame  # drop the frame's views of the landing buffer before the next read, so it is reused
+        chan.trim_landing()  # unless it is huge: then it goes, not kept for good after one big body
 
 
 def main() -> None:

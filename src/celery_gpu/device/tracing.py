@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..errors import MalformedTaskMessage
 from ..payload import claims
 from ..wire import protocol
+from ..wire.body import body_problem
 from ..wire.failures import describe_failure
 from . import memory
 from .context import DeviceContext
@@ -29,31 +31,43 @@ def _accept(ctx: DeviceContext, app: Any) -> Any:
 
 
 def decode(ctx: DeviceContext, app: Any, name: str, item: protocol.Item) -> tuple[Any, Any, Any, Any]:
-    """``(task, args, kwargs, embed)`` of one task message; raises on an unknown task or a bad body."""
+    """``(task, args, kwargs, embed)`` of one task message; raises on an unknown task or a bad body (a body that
+    is not ``[args, kwargs, embed]``: :class:`MalformedTaskMessage`, whatever the main process saw of it, e.g. only
+    a claim-checked body's skeleton)."""
     from kombu.serialization import loads
 
     task = app.tasks[name]
     body = item["body"]
     if isinstance(body, memoryview) and item["content_encoding"] not in ("binary", "ascii-8bit"):
         body = bytes(body)  # text serializers want bytes; binary ones (arrays, msgpack) decode the view itself
-    args, kwargs, embed = loads(  # type: ignore[no-untyped-call]
-        body, item["content_type"], item["content_encoding"], accept=_accept(ctx, app),
-    )
+    if item["content_type"] is None and isinstance(body, (list, tuple)):
+        decoded = body  # Celery decoded it already (a protocol-1 message, converted by its strategy)
+    else:
+        decoded = loads(  # type: ignore[no-untyped-call]
+            body, item["content_type"], item["content_encoding"], accept=_accept(ctx, app),
+        )
+    problem = body_problem(decoded)
+    if problem is not None:
+        raise MalformedTaskMessage(problem)
+    args, kwargs, embed = decoded
     return task, args, kwargs, embed
 
 
 def refuse(app: Any, name: str, item: protocol.Item, cause: Exception) -> protocol.Outcome:
     """A task that cannot even start here (unknown name, undecodable body): store and report a named failure."""
     from billiard.einfo import ExceptionInfo
+    from celery.utils.collections import AttributeDict
 
-    from ..errors import MalformedTaskMessage
-
+    why = str(cause) if isinstance(cause, MalformedTaskMessage) else f"{type(cause).__name__}: {cause}"
+    # The request as the main process saw it (reply_to, correlation_id: an RPC backend needs them); no chord and
+    # no errbacks: the body that names them could not be trusted.
+    request = AttributeDict(item["request"], id=item["uuid"], name=name, chord=None, errbacks=None)
     try:
-        raise MalformedTaskMessage(f"cannot run task {name}[{item['uuid']}]: {type(cause).__name__}: {cause}")
+        raise MalformedTaskMessage(f"cannot run task {name}[{item['uuid']}]: {why}")
     except MalformedTaskMessage as exc:
         einfo = ExceptionInfo()
         try:
-            app.backend.mark_as_failure(item["uuid"], exc, traceback=einfo.traceback)
+            app.backend.mark_as_failure(item["uuid"], exc, traceback=einfo.traceback, request=request)
         except Exception:  # the backend is down: the worker still gets the failure, and logs it
             pass
     return protocol.failed_outcome(describe_failure(einfo))
@@ -94,8 +108,20 @@ def trace(
 ) -> protocol.Outcome:
     """Run one decoded task through Celery's own tracer (results, retries, signals, backend writes).
 
-    ``took``: for an item of a batch, the seconds its call took before (counted in its run time).
+    ``took``: for an item of a batch, the seconds its call took before (counted in its run time). An error raised
+    outside Celery's tracer (which catches the task's own) fails the task by name (:func:`refuse`): it never ends
+    the process.
     """
+    try:
+        return _trace(ctx, app, task, item, args, kwargs, embed, hostname, took)
+    except Exception as exc:
+        return refuse(app, task.name, item, exc)
+
+
+def _trace(
+    ctx: DeviceContext, app: Any, task: Any, item: protocol.Item, args: Any, kwargs: Any, embed: Any, hostname: str,
+    took: float | None,
+) -> protocol.Outcome:
     from celery.app.trace import trace_task
 
     if took is not None:

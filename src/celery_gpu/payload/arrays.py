@@ -392,8 +392,7 @@ def loads(data: bytes | bytearray | memoryview, *, tensors: Literal["numpy", "to
     if tensors == "torch":
         importlib.import_module("torch")  # a missing torch is an ImportError here, not a decode error later
     if isinstance(data, (bytes, bytearray, memoryview)) and claims.is_reference(data):
-        skeleton = claims.skeleton_of(data) if claims.fetch_deferred() else None
-        data = skeleton if skeleton is not None else claims.unwrap(data, claims.store())
+        data = claims.skeleton_or_refuse(data) if claims.fetch_deferred() else claims.unwrap(data, claims.store())
     try:
         view = memoryview(data).cast("B")
     except TypeError:

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from ..errors import ClaimCorrupt, ClaimMissing
+from ..errors import ClaimCorrupt, ClaimForged, ClaimMissing
 from .stores import FileStore, RedisStore, Store, redis_store_for_app
 
 logger = logging.getLogger("celery_gpu.claimcheck")
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_TTL",
     "MAGIC",
     "ClaimCorrupt",
+    "ClaimForged",
     "ClaimMissing",
     "FileStore",
     "RedisStore",
@@ -45,6 +46,7 @@ __all__ = [
     "key_of",
     "redis_store_for_app",
     "skeleton_of",
+    "skeleton_or_refuse",
     "store",
     "threshold",
     "ttl",
@@ -94,6 +96,17 @@ def skeleton_of(data: bytes | bytearray | memoryview) -> bytes | None:
     """The stand-in carried by a reference, if any."""
     skeleton = _reference(data).get("skeleton")
     return skeleton if isinstance(skeleton, bytes) else None
+
+
+def skeleton_or_refuse(data: bytes | bytearray | memoryview) -> bytes:
+    """The stand-in carried by a reference, for a process that must not fetch payloads (the worker's main
+    process, :func:`defer_fetch`); a reference without one is refused (:class:`ClaimCorrupt`), never fetched:
+    every task body the arrays serializer stores out of band carries its skeleton."""
+    skeleton = skeleton_of(data)
+    if skeleton is None:
+        raise ClaimCorrupt("a claim reference without a skeleton: this process (the worker's main process) never "
+                           "fetches a payload, and a task body stored out of band always carries its skeleton")
+    return skeleton
 
 
 def key_of(data: bytes | bytearray | memoryview) -> str | None:

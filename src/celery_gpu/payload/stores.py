@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import ClaimMissing
+from ..errors import ClaimForged, ClaimMissing
 
 __all__ = ["MAX_REDIS_VALUE", "FileStore", "RedisStore", "Store", "redis_store_for_app"]
 
@@ -116,7 +116,7 @@ class RedisStore:
     def _check(self, key: str) -> None:
         # Only this store's own keys: a forged reference must not read or delete other Redis keys.
         if not (key.startswith(self.prefix) and _HEX_KEY.fullmatch(key[len(self.prefix):])):
-            raise ValueError(f"{key!r} is not a key of this claim store")
+            raise ClaimForged(f"{key!r:.100} is not a key of this claim store")
 
 
 class FileStore:
@@ -202,7 +202,7 @@ class FileStore:
 
     def _path(self, key: str) -> str:
         if not _HEX_KEY.fullmatch(key):  # no path traversal, no other files of the directory
-            raise ValueError(f"{key!r} is not a key of this claim store")
+            raise ClaimForged(f"{key!r:.100} is not a key of this claim store")
         return os.path.join(self.directory, key)
 
 

@@ -29,7 +29,7 @@ import msgpack
 from ..errors import FrameError
 from ..settings import MAX_FRAME
 
-__all__ = ["Channel", "MAX_FRAME", "SHM_THRESHOLD"]
+__all__ = ["Channel", "MAX_FRAME", "RETAIN", "SHM_THRESHOLD"]
 
 _HEADER = struct.Struct("!I")
 #: Byte strings at least this long travel through shared memory (where the platform has memfd).
@@ -38,6 +38,11 @@ _SHM_EXT = 1  # msgpack ext code of a shared-memory reference to bytes: (offset,
 _SHM_STR_EXT = 2  # the same for a str, stored as UTF-8 (e.g. a task body kombu decoded to text)
 _REF = struct.Struct("!QQ")
 _MIN_SEGMENT = 1 << 20
+#: Bytes of its segment (and of its landing buffer) a channel keeps resident after use. A frame that needed more
+#: gives the rest back once the other side has read it (:meth:`Channel.trim`, :meth:`Channel.trim_landing`): one
+#: huge body must not keep that much memory in either process for good, while steady traffic up to this size
+#: keeps reusing the same pages (no page faults).
+RETAIN = 16 << 20
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few descriptors per read
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors are not inherited by subprocesses
 
@@ -61,6 +66,7 @@ class _Segment:
     def __init__(self, fd: int, size: int, writable: bool) -> None:
         self.fd = fd
         self.size = size
+        self.used = 0  # the most bytes written into it since its pages were last given back
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
 
@@ -73,6 +79,13 @@ class _Segment:
         except BaseException:
             os.close(fd)
             raise
+
+    def give_back(self, keep: int) -> None:
+        """Free the pages beyond the first ``keep`` bytes, in every process that maps the segment (a hole
+        punched in the memfd: reading there gives zeros, a later write faults fresh pages in)."""
+        if self.used > keep:
+            self.map.madvise(mmap.MADV_REMOVE, keep, self.size - keep)
+            self.used = keep
 
     def release(self) -> None:
         try:
@@ -156,8 +169,24 @@ class Channel:
         for b in big:
             self._out.map[offset:offset + len(b)] = b
             offset += len(b)
+        self._out.used = max(self._out.used, need)
         self.shm_bytes += need
         return fds
+
+    def trim(self) -> None:
+        """The other side has read every frame we wrote: give back our segment's pages beyond :data:`RETAIN`.
+
+        Only the caller knows when that is (the protocol's replies: the pool after a ``done``, a device process on
+        its next ``run``); before it, the other side may still be copying out of those pages.
+        """
+        if self._out is not None and hasattr(mmap, "MADV_REMOVE"):
+            self._out.give_back(RETAIN)
+
+    def trim_landing(self) -> None:
+        """Nothing needs the landing buffer's bytes any more: drop it when it is larger than :data:`RETAIN` (it is
+        freed unless a task still holds a view of it), so one huge frame does not keep that much for good."""
+        if self._landing is not None and len(self._landing) > RETAIN:
+            self._landing = None
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -183,6 +212,11 @@ class Channel:
             raise
         except Exception as exc:
             raise FrameError(f"malformed frame: {exc}") from None
+        finally:
+            if self._in is not None and self._in.used > RETAIN:
+                # Copied out: this process's share of a huge frame's pages goes (the writer frees them: trim).
+                self._in.map.madvise(mmap.MADV_DONTNEED, RETAIN, self._in.size - RETAIN)
+                self._in.used = 0
 
     def _resolve(self, code: int, data: bytes) -> Any:
         """A shared-memory reference → a copy of the bytes it names, checked against the segment first."""
@@ -193,6 +227,7 @@ class Channel:
         offset, length = _REF.unpack(data)
         if length > self.max_frame or offset + length > self._in.size:
             raise FrameError(f"a shared-memory reference ({offset}+{length}) outside the segment of {self._in.size}")
+        self._in.used = max(self._in.used, offset + length)
         if code == _SHM_STR_EXT:
             return self._in.map[offset:offset + length].decode("utf-8", "surrogatepass")
         if not self.landing:

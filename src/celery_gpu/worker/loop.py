@@ -95,12 +95,23 @@ class ThreadLoop:
         self._thread = threading.Thread(target=self._run, name="celery-gpu-pool", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the thread and wait for it; calls queued before are run first."""
+    def stop(self, final: Callback | None = None, timeout: float = 10.0) -> None:
+        """Stop the thread and wait for it (up to ``timeout`` seconds); calls queued before are run first, then
+        ``final``, on the thread, as its last work.
+
+        The pool's warm shutdown is such a ``final``: the device processes this thread started (respawns) get
+        ``PR_SET_PDEATHSIG`` from it, and the kernel sends that signal when this *thread* ends, so it must
+        outlive them.
+        """
+        if final is not None:
+            self._calls.append((final, ()))
         self._stopping = True
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(10)
+            self._thread.join(timeout)
+        elif final is not None and self._thread is None:  # never started: nothing else will run it
+            self._calls.remove((final, ()))
+            final()
 
     def _wake(self) -> None:
         try:

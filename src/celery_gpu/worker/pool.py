@@ -176,16 +176,22 @@ class GPUPool(BasePool):  # type: ignore[misc]
         notify_systemd("STOPPING=1")
         self.supervisor.closing = True
         if isinstance(self._loop, ThreadLoop):
-            self._loop.stop()
+            # On the pool's own thread, as its last work: the processes it respawned die with it (wire/launch.py).
+            self._loop.stop(final=self._shut_down, timeout=self.settings.shutdown_timeout + _STOP_GRACE + 10)
+        else:
+            self._shut_down()
+        self._stop_monitoring()
+
+    def _shut_down(self) -> None:
+        """Wait for in-flight tasks (up to ``shutdown_timeout``), stop every process, kill what is left."""
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.supervisor.drain(lambda: any(s.job is not None for s in self.slots) and time.monotonic() < deadline,
                               tick=self._tick)
         self.supervisor.stop_idle()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + _STOP_GRACE
         self.supervisor.drain(lambda: any(s.chan is not None for s in self.slots) and time.monotonic() < deadline,
                               tick=self._tick)
         self.supervisor.kill_all()
-        self._stop_monitoring()
 
     def on_terminate(self) -> None:
         """Cold shutdown: kill every device process now."""
@@ -406,3 +412,4 @@ def _lower_priority_first(app: Any) -> bool:
 
 
 _SIGTERM = signal.SIGTERM
+_STOP_GRACE = 5.0  # seconds idle processes get to exit after their stop frame

@@ -17,13 +17,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING, Literal
 
 from ..devices import Device
 from ..observe.snapshot import SlotInfo
-from ..wire import protocol
+from ..wire import launch, protocol
 from ..wire.frames import Channel
 
 if TYPE_CHECKING:
@@ -162,9 +161,10 @@ class Slot:
         env["CELERY_GPU_SLOT_INDEX"] = str(self.index)
         env[protocol.SPEC_ENV] = protocol.StartSpec(app, self.device, self.index, theirs.fileno(), max_frame,
                                                     threads).dumps()
+        env[launch.PARENT_ENV] = str(os.getpid())  # it dies with us, even if we die before it has started
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery_gpu.device"], env=env, pass_fds=[theirs.fileno()],
+                launch.command(), env=env, pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 # Own session: a terminal's Ctrl+C or a signal to the worker's process group reaches only the
                 # worker, which then shuts down warm and lets in-flight tasks finish.

@@ -103,6 +103,7 @@ class Supervisor:
         if frame is None or frame["t"] == "hb":
             return
         if frame["t"] == "done" or frame["t"] == "batch_done":
+            chan.trim()  # it has read the work we sent: a huge body's pages go back now, not with the next task
             self.on_done(slot, frame)
         elif frame["t"] == "poisoned":  # it exits right after this frame: its exit re-runs what it was running
             slot.death = f"sticky CUDA error: {frame['error']}"

@@ -159,14 +159,18 @@ def test_malformed_reference_is_corrupt(data: bytes, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["../x", "../" + UNKNOWN, "/etc/passwd", UNKNOWN.upper(), UNKNOWN + "0", ""])
 def test_foreign_keys_are_refused(key: str, tmp_path: Path, embedded_store: RedisStore) -> None:
+    """A forged key is a named decode error (ClaimForged, an ArrayDecodeError: a task fails by name with it)."""
+    from celery_gpu.errors import ArrayDecodeError, ClaimForged
+
+    assert issubclass(ClaimForged, ClaimCorrupt) and issubclass(ClaimForged, ArrayDecodeError)
     for store in (FileStore(tmp_path / "claims"), embedded_store):
-        with pytest.raises(ValueError, match="not a key of this claim store"):
+        with pytest.raises(ClaimForged, match="not a key of this claim store"):
             store.get(key)
-        with pytest.raises(ValueError):
+        with pytest.raises(ClaimForged):
             store.delete(key)
-        with pytest.raises(ValueError):
+        with pytest.raises(ClaimForged):
             unwrap(reference(key, 1, "0" * 64), store, delete=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ClaimForged):
         embedded_store.get("celery-task-meta-" + UNKNOWN)  # another key of the same Redis
 
 
@@ -340,6 +344,33 @@ def test_arrays_payloads_over_the_threshold_go_out_of_band(tmp_path: Path) -> No
         with pytest.raises(claimcheck.ClaimMissing):
             arrays.loads(wire)
         claimcheck.consumed(b"not a reference")  # nothing to do, no error
+    finally:
+        claimcheck.configure(None)
+
+
+def test_the_main_process_refuses_a_reference_without_a_skeleton_and_fetches_nothing(tmp_path: Path) -> None:
+    """The worker's main process decodes a reference to its skeleton; one without a skeleton is refused by name
+    there, before any fetch (the device process, which fetches, is the only place a payload is read)."""
+    from celery_gpu.payload import arrays
+    from celery_gpu.payload import claims as claimcheck
+
+    store = claimcheck.FileStore(tmp_path / "claims")
+    fetched: list[str] = []
+    real_get = store.get
+    store.get = lambda key: fetched.append(key) or real_get(key)  # type: ignore[method-assign]
+    claimcheck.configure(lambda: store, threshold=16, ttl=60)
+    try:
+        wire = arrays.dumps({"not": "a task body", "pad": "x" * 64})  # no task body: no skeleton
+        assert claimcheck.is_reference(wire) and claimcheck.skeleton_of(wire) is None
+        claimcheck.defer_fetch(True)
+        try:
+            with pytest.raises(ClaimCorrupt, match="without a skeleton"):
+                arrays.loads(wire)
+        finally:
+            claimcheck.defer_fetch(False)
+        assert fetched == [], "the main process fetched a payload"
+        assert arrays.loads(wire) == {"not": "a task body", "pad": "x" * 64}  # a device process fetches it
+        assert len(fetched) == 1
     finally:
         claimcheck.configure(None)
 

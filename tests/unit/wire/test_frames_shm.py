@@ -224,3 +224,61 @@ def test_a_forged_shared_memory_frame_with_a_pickle_body_runs_nothing(tmp_path: 
     assert done["failed"] and done["exc"]["type"] == "MalformedTaskMessage"
     assert "ContentDisallowed" in done["exc"]["message"] or "untrusted" in done["exc"]["message"]
     assert not marker.exists()
+
+
+# -- one huge frame does not keep its memory for good (issue 17, item 6) --------------------------------------------
+
+
+def _resident(fd: int) -> int:
+    """Bytes of a memfd that hold pages now (holes punched out do not count)."""
+    return os.fstat(fd).st_blocks * 512
+
+
+def test_a_huge_frames_pages_are_given_back_once_read(pair: tuple[Channel, Channel]) -> None:
+    from celery_gpu.wire.frames import RETAIN
+
+    left, right = pair
+    huge = os.urandom(RETAIN + (24 << 20))
+    assert exchange(left, right, {"body": huge}) == {"body": huge}
+    assert left._out is not None
+    fd = left._out.fd
+    assert _resident(fd) >= len(huge)
+    left.trim()  # the reader answered: it has copied the body out
+    assert _resident(fd) <= RETAIN
+    # The segment still works, pages fault in again, and the bytes kept are the bytes written.
+    again = os.urandom(RETAIN + (8 << 20))
+    assert exchange(left, right, {"body": again, "small": huge[:SHM_THRESHOLD]}) == {
+        "body": again, "small": huge[:SHM_THRESHOLD]}
+    assert left._out.fd == fd, "same segment: no new descriptor to send"
+    # Steady traffic at or below RETAIN keeps its pages: trimming then costs nothing.
+    left.trim()
+    steady = os.urandom(RETAIN // 2)
+    assert exchange(left, right, {"body": steady}) == {"body": steady}
+    before = _resident(fd)
+    left.trim()
+    assert _resident(fd) == before
+
+
+def test_a_huge_landing_buffer_is_dropped_after_use() -> None:
+    from celery_gpu.wire.frames import RETAIN
+
+    left, right = landing_pair()
+    try:
+        _landing_dropped(left, right, RETAIN)
+    finally:
+        left.close()
+        right.close()
+
+
+def _landing_dropped(left: Channel, right: Channel, retain: int) -> None:
+    small = os.urandom(SHM_THRESHOLD)
+    exchange(left, right, {"body": small})
+    kept = right._landing
+    right.trim_landing()
+    assert right._landing is kept, "a small landing buffer is reused"
+    huge = os.urandom(retain + (8 << 20))
+    got = exchange(left, right, {"body": huge})
+    assert isinstance(got, dict) and got["body"] == huge
+    del got
+    right.trim_landing()
+    assert right._landing is None, "a huge one goes"

@@ -49,6 +49,9 @@ class FakeChan:
     def fileno(self) -> int:
         return -1
 
+    def trim(self) -> None:
+        """The pool gives back a huge body's shared memory when its process answers (nothing to give here)."""
+
 
 class FakeRequest:
     """What the pool sees of Celery's request: its bound callbacks (``accept_callback.__self__``)."""

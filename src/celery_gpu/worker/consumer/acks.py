@@ -27,6 +27,15 @@ def keeps_unacked_index(channel: Any) -> bool:
     return isinstance(channel, Channel) and hasattr(getattr(channel, "qos", None), "_remove_from_indices")
 
 
+def _forget_acked(channel: Any) -> None:
+    """Let a virtual transport's channel drop the messages it has just acked. kombu keeps each acked message
+    (body and decoded payload) in its QoS until the *next* message arrives: on a worker that goes idle after a
+    huge message, for good."""
+    qos: Any = getattr(channel, "qos", None)
+    if getattr(qos, "_dirty", None):
+        qos._flush()
+
+
 class AckBuffer:
     """Collects messages to ack; ``call_soon`` (the worker's hub) schedules one :meth:`flush` per turn."""
 
@@ -65,6 +74,7 @@ class AckBuffer:
             else:
                 for message, log, errors in entries:
                     self._ack_one(message, log, errors)
+            _forget_acked(channel)
 
     def _ack_one(self, message: Any, log: Any, errors: Any) -> None:
         if message.acknowledged:
