@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.brokers import make
-from tests.worker import Worker
+from tests.worker import Worker, wait_until
 
 pytestmark = pytest.mark.broker
 T = "tests.apps.models."
@@ -34,7 +34,11 @@ def loads(w: Worker) -> list[dict[str, Any]]:
 
 
 def use(w: Worker, model: str, x: int = 1) -> dict[str, Any]:
+    """One call; returns once the pool has taken in its answer (a device process stores the result a moment
+    before its done frame reaches the pool: the next call would find that process still busy)."""
     result: dict[str, Any] = w.app.send_task(f"{T}use_{model}", args=[x]).get(timeout=60)
+    assert wait_until(lambda: not any(s["state"] == "busy" for d in (w.pool_stats() or {"devices": []})["devices"]
+                                      for s in d["slots"]), 10), w.log()
     return result
 
 

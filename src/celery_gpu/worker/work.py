@@ -61,6 +61,7 @@ class Job:
     entry = 0  # its current entry in the waiting queues
     waiting = False  # whether it waits in a queue now
     max_age: float | None = None  # the task's deadline_ms, in seconds from its arrival in the pool
+    model: str | None = None  # the declared model it uses (@gpu.task(model=...)), loaded where it runs
 
     def __init__(
         self,
@@ -97,7 +98,7 @@ class Job:
         self.arrived = self.key = time.monotonic()
         self.entry, self.waiting = 0, False  # set here too: every job's attributes in one shape (faster)
         self.auto = auto  # memory="auto": ``memory`` is set from what the pool learned, before each placement
-        self.model = model  # the declared model it uses (@gpu.task(model=...)), loaded where it runs
+        self.model = model
         self.deaths: list[tuple[str, str]] = []  # (slot label, what happened) per device process that died under it
 
     @property
