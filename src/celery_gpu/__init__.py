@@ -16,7 +16,9 @@ from .errors import (
     FrameError,
     InsufficientDeviceMemory,
     MalformedTaskMessage,
+    ModelLoadError,
     NotInDeviceProcess,
+    UnknownModel,
 )
 from .settings import Settings
 from .tasks.batched import RetryItem
@@ -39,5 +41,7 @@ __all__ = [
     "NotInDeviceProcess",
     "BatchArgumentError",
     "BatchResultMismatch",
+    "ModelLoadError",
+    "UnknownModel",
 ]
 __version__ = "0.1.0"

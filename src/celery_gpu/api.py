@@ -15,6 +15,7 @@ from typing import Any, TypeVar, overload
 from celery import Celery, signals
 
 from .devices import Device, current_device, discover
+from .models import ModelLoader, ModelSpec
 from .observe import control
 from .payload import arrays, claims
 from .registry import AppRecord, SetupHook, record_of
@@ -23,7 +24,7 @@ from .tasks.batched import BatchOptions, item_runner
 from .tasks.submit import with_mixin
 from .units import parse_memory
 
-__all__ = ["GPU", "POOL"]
+__all__ = ["GPU", "POOL", "Models"]
 
 #: The pool class path Celery loads through ``worker_pool``.
 POOL = "celery_gpu.worker.pool:GPUPool"
@@ -54,6 +55,31 @@ def _call_alone(task: Any, items: list[Any], kwargs: dict[str, Any]) -> list[Any
     from .device.split import call_alone
 
     return call_alone(task, items, kwargs)
+
+
+class Models:
+    """``gpu.models``: the declared models by name, each loaded in this process on first use."""
+
+    def __init__(self, record: AppRecord) -> None:
+        self._record = record
+
+    def __getitem__(self, name: str) -> Any:
+        from .device.models import lookup  # the device runtime, loaded only when a model is used
+
+        return lookup(self._record.model_specs, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._record.model_specs
+
+    def __iter__(self) -> Any:
+        return iter(self._record.model_specs)
+
+    def loaded(self) -> list[str]:
+        """Models this process holds now, least recently used first."""
+        from .device import context
+
+        cache = context.current().models
+        return [name for name, _ in cache.resident.items()] if cache is not None else []
 
 
 class GPU(AppRecord):
@@ -106,11 +132,40 @@ class GPU(AppRecord):
     def setup(self, fn: SetupHook) -> SetupHook:
         """Register ``fn(device)`` to run once per device process before it takes any task.
 
-        Use it to load models (``device.state["model"] = ...``). It has no time limit; if it raises,
-        the error and traceback are logged and the device is marked failed instead of restarted in a loop.
+        Use it to load models (``device.state["model"] = ...``). The process's whole start (importing the app,
+        then the hooks) has ``gpu_setup_timeout`` seconds (600 by default); if a hook raises, or the start takes
+        longer, the error is logged and the device is marked failed instead of restarted in a loop.
         """
         self._setup_hooks.append(fn)
         return fn
+
+    def model(self, name: str, *, memory: int | str | None = None) -> Callable[[ModelLoader], ModelLoader]:
+        """Declare a model: ``fn(device)`` loads it and returns the loaded object.
+
+        A device process loads a model the first time a task declared with ``model=name`` (or task code reading
+        ``gpu.models[name]``) needs it, keeps it while the bytes of its models fit the device (with the memory
+        the running work declares), and evicts the least recently used models, by bytes, when a new one would
+        not fit (:mod:`celery_gpu.device.models`). The pool prefers a process that already holds a task's
+        model, and fails at once with :class:`InsufficientDeviceMemory` a task whose model (plus its own
+        ``memory=``) fits no device of the worker.
+
+        Args:
+            name: the model's name, as tasks refer to it.
+            memory: the device memory the loaded model holds (bytes or ``"3GiB"``). Without it the bytes are
+                measured when it loads (torch's allocated CUDA memory; the CPU device: resident memory).
+        """
+        size = None if memory is None else parse_memory(memory)
+
+        def declare(fn: ModelLoader) -> ModelLoader:
+            self._models[name] = ModelSpec(name, fn, size)
+            return fn
+
+        return declare
+
+    @property
+    def models(self) -> Models:
+        """The declared models, loaded on use: ``gpu.models["bert"]`` in task code."""
+        return Models(self)
 
     @overload
     def task(self, fn: F) -> Any: ...
@@ -118,12 +173,12 @@ class GPU(AppRecord):
     @overload
     def task(
         self, fn: None = None, *, memory: int | str | None = None, batch: int | None = None,
-        max_wait_ms: float = 5.0, **options: Any,
+        max_wait_ms: float = 5.0, model: str | None = None, deadline_ms: float | None = None, **options: Any,
     ) -> Callable[[F], Any]: ...
 
     def task(
         self, fn: F | None = None, *, memory: int | str | None = None, batch: int | None = None,
-        max_wait_ms: float = 5.0, **options: Any,
+        max_wait_ms: float = 5.0, model: str | None = None, deadline_ms: float | None = None, **options: Any,
     ) -> Any:
         """Declare a Celery task that runs on a device.
 
@@ -141,6 +196,13 @@ class GPU(AppRecord):
                 :mod:`celery_gpu.tasks.batched` for how calls map to the list).
             max_wait_ms: for a batched task, how long an item may be held back to fill a batch while other
                 device processes are busy (a free worker with nothing else to do never waits).
+            model: the declared model (``@gpu.model``) the task uses: loaded in its device process before it
+                runs (``gpu.models[model]`` in the task), and the task preferably placed where it is loaded.
+                ``memory=`` then covers the task's own working memory, not the model's.
+            deadline_ms: a deadline relative to the moment the worker's pool receives each call, for callers that
+                do not set ``expires``: a call still waiting in the pool then ends REVOKED as an expired Celery
+                task (never run); with ``expires`` too, the earlier one counts. A held batch leaves in time for the
+                earliest deadline of its items.
             **options: any ``app.task`` option.
         """
         auto = isinstance(memory, str) and memory.strip().lower() == "auto"
@@ -148,6 +210,11 @@ class GPU(AppRecord):
 
         def decorate(f: F) -> Any:
             options.setdefault("Strategy", STRATEGY)
+            options.setdefault("gpu_model", model)
+            if deadline_ms is not None:
+                if deadline_ms <= 0:
+                    raise ValueError(f"deadline_ms must be > 0, got {deadline_ms}")
+                options.setdefault("gpu_deadline", float(deadline_ms) / 1000.0)
             options.setdefault("gpu_default_serializer", "serializer" not in options)
             options["base"] = with_mixin(options.get("base") or self.app.Task)
             if batch is None:

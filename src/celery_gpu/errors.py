@@ -21,6 +21,8 @@ __all__ = [
     "ClaimMissing",
     "ClaimCorrupt",
     "ClaimForged",
+    "UnknownModel",
+    "ModelLoadError",
 ]
 
 
@@ -99,3 +101,11 @@ class ClaimCorrupt(ArrayDecodeError):
 class ClaimForged(ClaimCorrupt):
     """A reference names a key its store never makes (empty, a path, not 32 hex digits, another Redis key):
     forged, or from another store. Nothing is read or deleted."""
+
+
+class UnknownModel(CeleryGPUError, LookupError):
+    """A task names a model (``@gpu.task(model=...)``) that no ``@gpu.model`` declares."""
+
+
+class ModelLoadError(CeleryGPUError):
+    """A model's loader raised (or ran out of device memory even with every other model evicted)."""

@@ -1,9 +1,10 @@
 """The record of a ``GPU(app)`` that the lower layers read: one per Celery app.
 
-The pool (to tell a device process how to import the app) and the device process (to run the setup hooks)
-need three facts about an app's GPU support, and no more: the module that created it, an explicit import name,
-and the setup hooks. :class:`celery_gpu.api.GPU` *is* such a record; keeping the record here, below every
-process-side package, means neither side has to import the public API to read it.
+The pool (to tell a device process how to import the app, and to place tasks that use a model) and the device
+process (to run the setup hooks and load models) need four facts about an app's GPU support, and no more: the
+module that created it, an explicit import name, the setup hooks and the declared models.
+:class:`celery_gpu.api.GPU` *is* such a record; keeping the record here, below every process-side package,
+means neither side has to import the public API to read it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .devices import Device
+from .models import ModelSpec
 
 __all__ = ["AppRecord", "SetupHook", "record_of"]
 
@@ -36,12 +38,18 @@ class AppRecord:
         self.module = module
         self.import_name = import_name
         self._setup_hooks: list[SetupHook] = []
+        self._models: dict[str, ModelSpec] = {}
         _records[app] = self
 
     @property
     def setup_hooks(self) -> tuple[SetupHook, ...]:
         """Hooks run once in each device process, in registration order."""
         return tuple(self._setup_hooks)
+
+    @property
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """Declared models by name (``@gpu.model``)."""
+        return dict(self._models)
 
 
 def record_of(app: Any) -> AppRecord | None:

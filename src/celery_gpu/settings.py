@@ -19,6 +19,14 @@ max_attempts          ``gpu_max_attempts``         ``CELERY_GPU_MAX_ATTEMPTS``  
 dead_letter_queue     ``gpu_dead_letter_queue``    ``CELERY_GPU_DEAD_LETTER_QUEUE`` (none)
 heartbeat_timeout     ``gpu_heartbeat_timeout``    ``CELERY_GPU_HEARTBEAT_TIMEOUT`` ``60`` (0: off)
 recycle_memory        ``gpu_recycle_memory``       ``CELERY_GPU_RECYCLE_MEMORY``    ``0`` (off)
+setup_timeout         ``gpu_setup_timeout``        ``CELERY_GPU_SETUP_TIMEOUT``     ``600`` (0: off)
+sticky_limit          ``gpu_sticky_limit``         ``CELERY_GPU_STICKY_LIMIT``      ``3`` (0: off)
+sticky_window         ``gpu_sticky_window``        ``CELERY_GPU_STICKY_WINDOW``     ``600``
+oom_cap_quiet         ``gpu_oom_cap_quiet``        ``CELERY_GPU_OOM_CAP_QUIET``     ``300`` (0: never)
+cost_in_result        ``gpu_cost_in_result``       ``CELERY_GPU_COST_IN_RESULT``    ``False``
+backlog_interval      ``gpu_backlog_interval``     ``CELERY_GPU_BACKLOG_INTERVAL``  ``5`` (0: off)
+model_wait            ``gpu_model_wait``           ``CELERY_GPU_MODEL_WAIT``        ``0.5``
+priority_aging        ``gpu_priority_aging``       ``CELERY_GPU_PRIORITY_AGING``    ``1.0``
 cpu_threads           ``gpu_cpu_threads``          ``CELERY_GPU_CPU_THREADS``       ``0`` (auto)
 ====================  ===========================  ===============================  =========
 """
@@ -33,6 +41,7 @@ from .units import parse_memory
 
 __all__ = ["MAX_FRAME", "Settings"]
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
 #: Largest frame accepted on a device-process pipe by default: a whole Celery message body travels in one frame.
 MAX_FRAME = 1 << 30
 
@@ -62,6 +71,24 @@ class Settings:
             (its tasks run again elsewhere); 0 turns the watchdog off. Task time limits act on their own.
         recycle_memory: a device process holding more device memory than this after a task is replaced
             (leaks); 0 turns it off. ``--max-tasks-per-child`` recycles after N tasks.
+        setup_timeout: seconds a device process may take from its start to ``ready`` (importing the app and
+            running the ``@gpu.setup`` hooks); one that takes longer is killed and its device marked failed,
+            as when a hook raises. 0 turns it off.
+        sticky_limit: sticky CUDA errors on one device within ``sticky_window`` seconds after which the device
+            is taken out of service (quarantined); 0 turns it off (each process is only replaced).
+        sticky_window: the window of ``sticky_limit``, in seconds.
+        oom_cap_quiet: seconds without an out-of-memory split after which the batch cap that a split set for a
+            task on a device doubles (again after each further period, until it is gone); 0 keeps caps for
+            the worker's lifetime.
+        cost_in_result: store each task's (or batch item's) share of its call's device time and energy in its
+            result meta (``gpu_cost``); the totals per task are in the metrics and ``celery-gpu status`` anyway.
+        backlog_interval: seconds between samples of the broker backlog (messages waiting) of each queue the
+            worker consumes, taken on a connection and thread of their own; 0 turns it off.
+        model_wait: seconds work that uses a model (``@gpu.task(model=...)``) waits for a busy device process
+            that holds it, when no idle one does, before it goes to another process (which loads it too).
+        priority_aging: seconds of waiting one level of Celery priority is worth: a job counts as having arrived
+            that much earlier per level above the lowest, so it overtakes lower-priority work that arrived up to
+            (levels between them) x this before it, and no further (no starvation).
         cpu_threads: CPU threads of each process on the CPU device (torch, OpenMP, MKL, OpenBLAS); 0: the
             worker's ``OMP_NUM_THREADS`` if set, else its cores divided among the CPU device's processes
             (:mod:`celery_gpu.worker.threads`).
@@ -81,6 +108,14 @@ class Settings:
     dead_letter_queue: str = ""
     heartbeat_timeout: float = 60.0
     recycle_memory: int = 0
+    setup_timeout: float = 600.0
+    sticky_limit: int = 3
+    sticky_window: float = 600.0
+    oom_cap_quiet: float = 300.0
+    cost_in_result: bool = False
+    backlog_interval: float = 5.0
+    model_wait: float = 0.5
+    priority_aging: float = 1.0
     cpu_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +131,10 @@ class Settings:
             raise ValueError(f"heartbeat_timeout must be >= 0, got {self.heartbeat_timeout}")
         if self.bulk_receive < 0:
             raise ValueError(f"bulk_receive must be >= 0, got {self.bulk_receive}")
+        for name in ("setup_timeout", "sticky_limit", "sticky_window", "oom_cap_quiet", "backlog_interval",
+                     "model_wait", "priority_aging"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
 
@@ -112,6 +151,8 @@ class Settings:
                 continue
             if f.name in ("max_frame", "claim_threshold", "recycle_memory"):
                 values[f.name] = parse_memory(raw)
+            elif f.type in ("bool", bool):
+                values[f.name] = raw if isinstance(raw, bool) else str(raw).strip().lower() in _TRUE
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
             elif f.type in ("float", float):

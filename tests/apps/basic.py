@@ -39,7 +39,9 @@ def load(device: Any) -> None:
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {device.label}\n")
-    time.sleep(float(os.environ.get("TEST_SETUP_SLEEP", "0")))  # a slow model load: no time limit applies
+    time.sleep(float(os.environ.get("TEST_SETUP_SLEEP", "0")))  # a slow model load (within gpu_setup_timeout)
+    if os.environ.get("TEST_SETUP_HANG") == device.label:
+        time.sleep(3600)  # a setup hook that never returns
     gate = os.environ.get("TEST_SETUP_GATE")  # a model load that ends when the test says so (the file exists)
     while gate and not os.path.exists(gate):
         time.sleep(0.05)

@@ -29,6 +29,19 @@ def test_failed_setup_marks_device_failed_others_keep_working(embedded_url: str,
         assert w.stop() == 0, w.log()
 
 
+def test_a_setup_that_never_returns_marks_its_device_failed(embedded_url: str, tmp_path: Path) -> None:
+    w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2",
+               extra_env={"TEST_SETUP_HANG": "fake:1", "CELERY_GPU_SETUP_TIMEOUT": "6"}).start()
+    try:
+        pool = w.wait_ready(timeout=30)
+        assert [d["failed"] for d in pool["devices"]] == [False, True]
+        assert pool["devices"][1]["slots"][0]["setup_error"] == "setup did not finish within 6s (gpu_setup_timeout)"
+        assert {w.app.send_task(T + "where", args=[i]).get(timeout=30)["device"] for i in range(4)} == {"fake:0"}
+        assert "is still starting after" in w.log() and "device fake:1 marked failed" in w.log()
+    finally:
+        assert w.stop() == 0, w.log()
+
+
 def test_worker_exits_when_every_device_fails(embedded_url: str, tmp_path: Path) -> None:
     w = Worker(make("embedded", embedded_url), tmp_path, devices="fake:2",
                extra_env={"TEST_SETUP_FAIL": "all"}).start()

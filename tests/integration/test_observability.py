@@ -36,7 +36,8 @@ def broker(request: pytest.FixtureRequest, embedded_url: str) -> Broker:
 def worker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     port = free_port()
     w = Worker(broker, tmp_path_factory.mktemp("obs"), devices="fake:2x8GiB", app_module="tests.apps.batched",
-               extra_env={"CELERY_GPU_METRICS_PORT": str(port), "CELERY_GPU_METRICS_ADDR": "127.0.0.1"})
+               extra_env={"CELERY_GPU_METRICS_PORT": str(port), "CELERY_GPU_METRICS_ADDR": "127.0.0.1",
+                          "CELERY_GPU_COST_IN_RESULT": "1"})
     w.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     w.start()
     w.wait_ready()
@@ -134,6 +135,34 @@ def test_metrics_endpoint_moves_with_the_work(worker: Worker) -> None:
         assert name in text, name
 
 
+def test_cost_per_item_in_inspect_metrics_and_result_meta(worker: Worker) -> None:
+    nothing = {"items": 0, "device_s": 0.0, "energy_j": 0.0}
+    before, naps = (inspect_gpu(worker)["costs"].get(T + name, nothing) for name in ("double", "nap"))
+    nap = worker.app.send_task(T + "nap", args=[0.3])
+    items = [worker.app.send_task(T + "double", args=[i], kwargs={"pause": 0.1}) for i in range(8)]
+    assert [r.get(timeout=30) for r in items] == [2 * i for i in range(8)]
+    assert nap.get(timeout=30) == 0.3
+    # Each item's share of its call: the call's time (>= the pause) over the items of that call; fake devices
+    # draw a simulated 300 W while a call runs.
+    shares = [worker.app.backend.get_task_meta(r.id)["gpu_cost"] for r in items]
+    assert all(0.1 / 8 <= s["device_s"] <= 5.0 for s in shares), shares
+    assert all(abs(s["energy_j"] - 300 * s["device_s"]) <= 0.05 * 300 * s["device_s"] for s in shares), shares
+    plain = worker.app.backend.get_task_meta(nap.id)["gpu_cost"]
+    assert 0.3 <= plain["device_s"] < 5.0
+    assert wait_until(lambda: inspect_gpu(worker)["costs"].get(T + "nap", nothing)["items"] == naps["items"] + 1, 10)
+    costs = inspect_gpu(worker)["costs"]
+    double = costs[T + "double"]
+    assert double["items"] - before["items"] == 8
+    assert double["device_s"] - before["device_s"] == pytest.approx(sum(s["device_s"] for s in shares), rel=0.01)
+    assert double["energy_j"] == pytest.approx(300 * double["device_s"], rel=0.05)
+    url: str = worker.metrics_url  # type: ignore[attr-defined]
+    nap_seconds = f'celery_gpu_device_seconds_total{{host="{worker.name}",task="{T}nap"}}'
+    assert wait_until(lambda: nap_seconds in scrape(url) and metric(scrape(url), nap_seconds) >= naps["device_s"] + 0.3,
+                      10), scrape(url)
+    text = scrape(url)
+    assert metric(text, f'celery_gpu_energy_joules_total{{host="{worker.name}",task="{T}double"}}') > 0
+
+
 def test_status_command_shows_the_worker(worker: Worker) -> None:
     env = dict(worker.env)
     out = subprocess.run([sys.executable, "-m", "celery_gpu.cli", "status", "-A", "tests.apps.batched", "--json",
@@ -145,6 +174,8 @@ def test_status_command_shows_the_worker(worker: Worker) -> None:
                            "--timeout", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert text.returncode == 0, text.stderr
     assert worker.name in text.stdout and "fake:0" in text.stdout and "fake:1" in text.stdout
+    costs = [line.split() for line in text.stdout.splitlines() if line.lstrip().startswith("cost ")]
+    assert costs and all(line[3::2] == ["items", "ms/item", "J/item"] for line in costs), text.stdout
     assert all(len(line) <= 80 for line in text.stdout.splitlines())
 
 

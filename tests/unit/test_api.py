@@ -385,3 +385,32 @@ def test_real_work_controller_with_dotted_pool_path_is_sized(make_app: Callable[
     assert isinstance(worker.pool, GPUPool)
     assert worker.pool.num_processes == 6
     assert worker.concurrency == 6
+
+
+def test_models_are_declared_and_tasks_name_them(make_app: Callable[..., Celery]) -> None:
+    from celery_gpu.device import context
+
+    app = make_app()
+    gpu = GPU(app)
+
+    @gpu.model("bert", memory="3GiB")
+    def load_bert(device: Device) -> dict[str, str]:
+        return {"bert": device.label}
+
+    @gpu.model("measured")
+    def load_measured(device: Device) -> str:
+        return "m"
+
+    @gpu.task(model="bert", shared=False)
+    def embed(text: str) -> Any:
+        return gpu.models["bert"]["bert"], text
+
+    assert gpu.model_specs["bert"].memory == 3 * GiB and gpu.model_specs["bert"].load is load_bert
+    assert gpu.model_specs["measured"].memory is None
+    assert embed.gpu_model == "bert" and "bert" in gpu.models and sorted(gpu.models) == ["bert", "measured"]
+    saved, context.current().models = context.current().models, None
+    try:  # eager mode: the model loads in this process, on the CPU device
+        assert embed.apply(("hi",)).get() == ("cpu", "hi")
+        assert gpu.models.loaded() == ["bert"]
+    finally:
+        context.current().models = saved

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from ..observe.health import readiness
 from ..units import GiB
+from .autoscale import Advice, recommend
 
 __all__ = ["Replies", "fetch", "render", "run"]
 
@@ -171,15 +172,31 @@ def _worker_lines(node: str, snapshot: Snapshot, widths: Sequence[int], width: i
         lines.append(_row(_device_cells(device), widths))
         if device.get("quarantined"):
             lines.append(f"{_INDENT * 2}QUARANTINED: {device.get('reason') or 'no reason given'}")
-    batching = snapshot.get("batching")
-    if isinstance(batching, dict) and batching:
-        tails = {task: f"  mean batch {_fmt(_dict(stats).get('mean_batch'), '6.1f')}"
-                       f"  waiting {_fmt(_dict(stats).get('waiting'), '4.0f')}" for task, stats in batching.items()}
-        room = width - len(_INDENT + "batch ") - max(len(tail) for tail in tails.values())
-        names = min(max(len(str(task)) for task in tails), max(room, _MIN_NAME))
-        for task in sorted(tails, key=str):
-            lines.append(f"{_INDENT}batch {_clip(str(task), names).ljust(names)}{tails[task]}")
+    batching = _dict(snapshot.get("batching"))
+    lines.extend(_task_lines("batch", {task: f"  mean batch {_fmt(_dict(stats).get('mean_batch'), '6.1f')}"
+                                             f"  waiting {_fmt(_dict(stats).get('waiting'), '4.0f')}"
+                                       for task, stats in batching.items()}, width))
+    lines.extend(_task_lines("cost ", {task: _cost_tail(_dict(cost))
+                                       for task, cost in _dict(snapshot.get("costs")).items()}, width))
     return lines
+
+
+def _cost_tail(cost: Mapping[str, Any]) -> str:
+    """``  N items  X ms/item  Y J/item`` (``-`` where a figure is unknown)."""
+    items = _num(cost.get("items")) or 0
+    seconds, joules = _num(cost.get("device_s")), _num(cost.get("energy_j"))
+    per_ms = seconds * 1000 / items if items and seconds is not None else None
+    per_j = joules / items if items and joules is not None else None
+    return f"  {items:6.0f} items {_fmt(per_ms, '.2f'):>8} ms/item {_fmt(per_j, '.2f'):>6} J/item"
+
+
+def _task_lines(kind: str, tails: Mapping[Any, str], width: int) -> list[str]:
+    """One line per task: ``kind``, the task's name (cut to fit ``width``) and its ``tails`` entry."""
+    if not tails:
+        return []
+    room = width - len(_INDENT + kind + " ") - max(len(tail) for tail in tails.values())
+    names = min(max(len(str(task)) for task in tails), max(room, _MIN_NAME))
+    return [f"{_INDENT}{kind} {_clip(str(task), names).ljust(names)}{tails[task]}" for task in sorted(tails, key=str)]
 
 
 #: What a worker without celery-gpu answers to the ``gpu`` command: kombu's pidbox reply to a command it has no
@@ -223,9 +240,18 @@ def render(snapshots: Mapping[str, Snapshot], width: int = 80, *, others: Mappin
 # ---------------------------------------------------------------------------------------------------- command line
 
 
-def _as_json(replies: Replies) -> str:
+def _as_json(replies: Replies, advice: Advice | None = None) -> str:
     others = [{"node": node, "reply": reply} for node, reply in replies.others.items()]
-    return json.dumps({"workers": replies.workers, "others": others}, indent=2, default=repr)
+    data: dict[str, Any] = {"workers": replies.workers, "others": others}
+    if advice is not None:
+        data["autoscale"] = advice
+    return json.dumps(data, indent=2, default=repr)
+
+
+def _advice(replies: Replies, args: argparse.Namespace) -> Advice | None:
+    if args.autoscale is None:
+        return None
+    return recommend(replies.workers, args.autoscale, args.min_workers, args.max_workers)
 
 
 def load_app(name: str) -> Any:
@@ -248,10 +274,14 @@ def _frame(app: Any, args: argparse.Namespace) -> tuple[str, bool]:
     except (OperationalError, OSError) as exc:
         message = f"cannot reach the broker: {exc}"
         return (json.dumps({"workers": {}, "others": [], "error": message}, indent=2) if args.json else message), False
+    advice = _advice(replies, args)
     if args.json:
-        return _as_json(replies), bool(replies.workers)
+        return _as_json(replies, advice), bool(replies.workers)
     width = shutil.get_terminal_size((80, 24)).columns
-    return render(replies.workers, width, others=replies.others, timeout=args.timeout), bool(replies.workers)
+    text = render(replies.workers, width, others=replies.others, timeout=args.timeout)
+    if advice is not None:
+        text += f"\n\nautoscale: {advice['current']} -> {advice['desired']} workers ({advice['reason']})"
+    return text, bool(replies.workers)
 
 
 def _worker_readiness(snapshot: Snapshot) -> tuple[bool, list[str]]:
@@ -287,9 +317,7 @@ def _ready(app: Any, args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in verdicts.values()) else 1
 
 
-def run(argv: list[str]) -> int:
-    """``celery-gpu status``: 0 when at least one celery-gpu worker answered, 1 when none (2: usage error);
-    with ``--ready``, 0 only when every worker asked is ready."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="celery-gpu status",
         description="Show every worker's GPU devices, asked through the broker with Celery remote control.",
@@ -305,11 +333,25 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--ready", action="store_true",
                         help="exit 0 only when every named worker (-d; else every worker that answers) is ready: "
                         "connected, and every device process idle or busy (a readiness probe)")
+    parser.add_argument("--autoscale", type=int, default=None, metavar="ITEMS",
+                        help="also say how many workers would keep at most ITEMS waiting items each "
+                             "(broker backlog + pools; see docs/operations.md)")
+    parser.add_argument("--min-workers", type=int, default=1, metavar="N", help="with --autoscale: at least N")
+    parser.add_argument("--max-workers", type=int, default=1_000_000, metavar="N", help="with --autoscale: at most N")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    """``celery-gpu status``: 0 when at least one celery-gpu worker answered, 1 when none (2: usage error);
+    with ``--ready``, 0 only when every worker asked is ready."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.timeout <= 0 or (args.watch is not None and args.watch <= 0):
         parser.error("--timeout and --watch take a number of seconds > 0")
     if args.ready and args.watch is not None:
         parser.error("--ready answers once; it does not take --watch")
+    if args.autoscale is not None and (args.autoscale < 1 or not 0 <= args.min_workers <= args.max_workers):
+        parser.error("--autoscale takes ITEMS >= 1, and 0 <= --min-workers <= --max-workers")
     if args.destination:
         args.destination = [node for item in args.destination for node in item.split(",") if node]
     try:

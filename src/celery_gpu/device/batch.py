@@ -43,6 +43,7 @@ class _Calls:
 
     outcome: dict[int, Any] = field(default_factory=dict)
     elapsed: dict[int, float] = field(default_factory=dict)
+    share: dict[int, tuple[float, float | None]] = field(default_factory=dict)  # its call's cost ÷ its items
     peak_per_item: int | None = None
 
 
@@ -82,14 +83,29 @@ def _decode_all(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame,
     return list(groups.values())
 
 
-def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[protocol.Item]) -> _Calls:
+def _prepare_model(ctx: DeviceContext, groups: list[list[_Decoded]], budget: int | None) -> Exception | None:
+    """The batch's model loaded (or room made) before its calls; the error of a load that failed."""
+    if ctx.models is None or not groups:
+        return None
+    try:
+        ctx.models.prepare(getattr(groups[0][0].task, "gpu_model", None), budget)
+    except Exception as exc:  # every item of the batch fails with it (a ModelLoadError names the model)
+        return exc
+    return None
+
+
+def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[protocol.Item],
+                 budget: int | None = None) -> _Calls:
     """One call of the function per group (bisected on failure): each item's outcome and its call's time."""
     calls = _Calls()
+    failed = _prepare_model(ctx, groups, budget)
     for members in groups:
         callable_members = []
         for d in members:
             try:
                 batched.item_of(d.task.name, d.args)
+                if failed is not None:
+                    raise failed
             except Exception as exc:
                 calls.outcome[d.index] = exc
                 continue
@@ -97,19 +113,23 @@ def _call_groups(ctx: DeviceContext, groups: list[list[_Decoded]], items: list[p
         if not callable_members:
             continue
         first = callable_members[0]
-        started = time.monotonic()
+        started, mark = time.monotonic(), ctx.cost_mark()
         memory.start_peak(ctx)
         requests = [batched.BatchRequest(items[d.index]["request"], args=d.args, kwargs=d.kwargs,
                                          called_directly=False) for d in callable_members] \
             if first.task.gpu_batch.bind else None  # self.request.batch, for a function that takes the task
         results = call_batch(ctx, first.task, [d.args[0] for d in callable_members], first.kwargs, requests)
         took = time.monotonic() - started
+        n = len(callable_members)
+        seconds, joules = ctx.cost_since(mark)
+        share = (seconds / n, None if joules is None else joules / n)
         peak = memory.peak(ctx)
         if peak is not None:
-            calls.peak_per_item = max(calls.peak_per_item or 0, -(-peak // len(callable_members)))
+            calls.peak_per_item = max(calls.peak_per_item or 0, -(-peak // n))
         for d, result in zip(callable_members, results, strict=True):
             calls.outcome[d.index] = result
             calls.elapsed[d.index] = took
+            calls.share[d.index] = share
     return calls
 
 
@@ -124,12 +144,14 @@ def _trace_all(ctx: DeviceContext, app: Any, groups: list[list[_Decoded]], items
                 done[d.index] = {"failed": True, "cancelled": True, "runtime": took, "exc": _TERMINATED}
                 continue
             batched.outcomes[item["uuid"]] = calls.outcome[d.index]
+            ctx.item_cost = calls.share.get(d.index)
             linked = any((item["request"].get(k) or (d.embed or {}).get(k)) for k in _LINKED)
             try:
                 with store.direct() if linked else nullcontext():
                     done[d.index] = trace(ctx, app, d.task, item, d.args, d.kwargs, d.embed, hostname, took)
             finally:
                 batched.outcomes.pop(item["uuid"], None)
+                ctx.item_cost = None
 
 
 def run_batch(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame, hostname: str,
@@ -146,7 +168,7 @@ def run_batch(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame, hostname
     ctx.in_task = True
     try:
         groups = _decode_all(ctx, app, frame, done)
-        calls = _call_groups(ctx, groups, items)
+        calls = _call_groups(ctx, groups, items, frame.get("budget"))
         _trace_all(ctx, app, groups, items, calls, _cancelled(chan), hostname, done)
     finally:
         ctx.in_task = False
@@ -154,4 +176,5 @@ def run_batch(ctx: DeviceContext, app: Any, frame: protocol.BatchFrame, hostname
     outcomes = [o for o in done if o is not None]
     assert len(outcomes) == len(items), "every item is refused, cancelled or traced"
     splits, fit = ctx.take_oom_stats()
-    return protocol.batch_done(frame["job"], outcomes, ctx.calls - calls_before, 0, calls.peak_per_item, splits, fit)
+    return protocol.batch_done(frame["job"], outcomes, ctx.calls - calls_before, 0, calls.peak_per_item, splits, fit,
+                               ctx.take_cost())

@@ -7,11 +7,17 @@ eager mode, a test) has the default context: no faults, and a sticky error is an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .cost import Meter
 from .faults import Faults
+
+if TYPE_CHECKING:
+    from .models import ModelCache
 
 __all__ = ["DeviceContext", "current", "install"]
 
@@ -31,6 +37,12 @@ class DeviceContext:
         oom_fit: the largest call that fit after an out-of-memory split, since then.
         peak_baseline: device memory allocated when the current call's peak measurement started.
         pinned: the host staging buffer of :func:`celery_gpu.device.staging.to_device`, once made.
+        meter: reads the device's energy counter (:mod:`celery_gpu.device.cost`); None: calls are not metered.
+        cost_s: device time of the calls metered since the last :meth:`take_cost`.
+        cost_j: their energy, in joules (None: no reading).
+        item_cost: ``(seconds, joules)``, the share of the task or item being traced now (for its result meta).
+        models: the models this process holds (:mod:`celery_gpu.device.models`); None until one is declared
+            or used.
     """
 
     faults: Faults | None = None
@@ -42,11 +54,46 @@ class DeviceContext:
     oom_fit: int = 0
     peak_baseline: int = 0
     pinned: Any = None
+    meter: Meter | None = None
+    cost_s: float = 0.0
+    cost_j: float | None = None
+    item_cost: tuple[float, float | None] | None = None
+    models: ModelCache | None = None
 
     def on_call(self, items: int) -> None:
         """Before each call of task code: injected faults fire here (fake devices)."""
         if self.faults is not None:
             self.faults.on_call(items)
+
+    @contextmanager
+    def metered(self) -> Iterator[None]:
+        """Meter one call of task code: its time and energy are added to ``cost_s`` / ``cost_j``."""
+        if self.meter is None:
+            yield
+            return
+        started, before = time.monotonic(), self.meter.joules()
+        try:
+            yield
+        finally:
+            self.cost_s += time.monotonic() - started
+            after = self.meter.joules()
+            if before is not None and after is not None:
+                self.cost_j = (self.cost_j or 0.0) + max(0.0, after - before)
+
+    def cost_mark(self) -> tuple[float, float | None]:
+        """The cost accounted so far (for :meth:`cost_since`)."""
+        return self.cost_s, self.cost_j
+
+    def cost_since(self, mark: tuple[float, float | None]) -> tuple[float, float | None]:
+        """``(seconds, joules)`` metered since ``mark``."""
+        joules = None if self.cost_j is None else self.cost_j - (mark[1] or 0.0)
+        return self.cost_s - mark[0], joules
+
+    def take_cost(self) -> tuple[float, float | None]:
+        """``(seconds, joules)`` metered since the last read; both reset."""
+        cost = self.cost_s, self.cost_j
+        self.cost_s, self.cost_j = 0.0, None
+        return cost
 
     def note_split(self) -> None:
         """Count one batch split after running out of memory."""

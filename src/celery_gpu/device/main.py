@@ -23,12 +23,14 @@ from typing import Any
 
 from ..devices import Device, set_current
 from ..registry import record_of
+from ..settings import Settings
 from ..wire import protocol
 from ..wire.appref import import_app
 from ..wire.frames import Channel
-from . import context, faults, memory
+from . import context, cost, faults, memory
 from .batch import run_batch
 from .context import DeviceContext
+from .models import ModelCache
 from .tracing import run_task
 
 __all__ = ["main"]
@@ -95,7 +97,7 @@ def _prepare(spec: protocol.StartSpec, send: Send) -> DeviceContext:
     # Celery's log format names the process, as prefork's children: here host, device and slot
     # ("[...: INFO/celery@gpu-3/cuda:1#0] Task proj.embed[<id>] succeeded"), so merged logs stay attributable.
     multiprocessing.current_process().name = f"{spec.app.hostname}/{device.label}#{spec.slot}"
-    return context.install(DeviceContext(faults=injected, on_sticky=_on_sticky(send)))
+    return context.install(DeviceContext(faults=injected, on_sticky=_on_sticky(send), meter=cost.meter_for(device)))
 
 
 def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
@@ -113,6 +115,10 @@ def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
         record = record_of(app)
         for hook in record.setup_hooks if record is not None else ():
             hook(spec.device)
+        if Settings.from_app(app.conf).cost_in_result:
+            cost.record_in_results(app.backend, lambda: ctx.item_cost)
+        if record is not None and record.model_specs:
+            ctx.models = ModelCache(record.model_specs, spec.device, f"{spec.device.label}#{spec.slot}")
     except BaseException as exc:
         send(protocol.setup_failed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(protocol.EXIT_SETUP_FAILED)
@@ -136,6 +142,8 @@ def _serve(ctx: DeviceContext, app: Any, chan: Channel, send: Send, device: Devi
         reply: Any = run_batch(ctx, app, frame, hostname, chan) if kind == "batch" else run_task(ctx, app, frame,
                                                                                               hostname)
         reply["mem"] = memory.in_use(ctx, device.kind)  # the pool recycles a process whose memory grows too far
+        if ctx.models is not None:  # what it holds now, so the pool's mirror follows
+            protocol.add_models(reply, ctx.models.resident.items(), *ctx.models.take_events())
         send(reply)
         del reply
         del frame  # drop the frame's views of the landing buffer before the next read, so it is reused

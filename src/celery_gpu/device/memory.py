@@ -14,7 +14,7 @@ from typing import Any
 
 from .context import DeviceContext
 
-__all__ = ["free_cached", "in_use", "peak", "start_peak"]
+__all__ = ["allocated", "free_cached", "in_use", "peak", "start_peak"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -55,6 +55,21 @@ def in_use(ctx: DeviceContext, kind: str) -> int:
     pool = _cupy_pool()
     if pool is not None:
         total += int(pool.total_bytes())
+    return total
+
+
+def allocated(kind: str) -> int:
+    """Bytes this process's live allocations take on a device of ``kind`` now (torch's allocated CUDA memory
+    + CuPy's used pool; the CPU device: resident memory; nothing on a fake device unless torch or CuPy run)."""
+    if kind == "cpu":
+        return _rss()
+    total = 0
+    cuda = _torch_cuda()
+    if cuda is not None:
+        total += int(cuda.memory_allocated())
+    pool = _cupy_pool()
+    if pool is not None:
+        total += int(pool.used_bytes())
     return total
 
 

@@ -60,17 +60,24 @@ def protect(ctx: DeviceContext, task: Any) -> None:
 
     @functools.wraps(run)
     def protected(*args: Any, **kwargs: Any) -> Any:
-        for attempt in (1, 2):  # the second only after an out-of-memory error, with the cache freed
-            try:
-                ctx.on_call(1)
-                return run(*args, **kwargs)
-            except Exception as exc:
-                if triage(ctx, exc) != "oom":
-                    raise
-                if attempt == 2:
-                    raise out_of_memory(task.name, exc, item=False) from exc
-            memory.free_cached()  # outside the except block: the traceback no longer pins the failed frames
-        raise AssertionError("unreachable")
+        mark = ctx.cost_mark()
+        if ctx.models is not None:  # its model loaded (or room made) first: a load that fails fails the task
+            ctx.models.prepare(getattr(task, "gpu_model", None), ctx.models.budget)
+        try:
+            for attempt in (1, 2):  # the second only after an out-of-memory error, with the cache freed
+                try:
+                    with ctx.metered():
+                        ctx.on_call(1)
+                        return run(*args, **kwargs)
+                except Exception as exc:
+                    if triage(ctx, exc) != "oom":
+                        raise
+                    if attempt == 2:
+                        raise out_of_memory(task.name, exc, item=False) from exc
+                memory.free_cached()  # outside the except block: the traceback no longer pins the failed frames
+            raise AssertionError("unreachable")
+        finally:
+            ctx.item_cost = ctx.cost_since(mark)  # its result (stored by the tracer next) may carry it
 
     task.run = protected
     task._gpu_protected = True

@@ -39,9 +39,10 @@ def call_batch(
     ctx.calls += 1
     kind = None
     try:
-        ctx.on_call(len(items))
-        out = opts.fn(task, items, **kwargs) if opts.bind else opts.fn(items, **kwargs)
-        results = list(out)
+        with ctx.metered():
+            ctx.on_call(len(items))
+            out = opts.fn(task, items, **kwargs) if opts.bind else opts.fn(items, **kwargs)
+            results = list(out)
     except SoftTimeLimitExceeded as exc:
         return [exc] * len(items)
     except BatchCallRetry as retry:  # raise self.retry(...): not a failure, nothing to bisect

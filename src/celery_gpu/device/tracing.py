@@ -144,6 +144,8 @@ def run_task(ctx: DeviceContext, app: Any, frame: protocol.RunFrame, hostname: s
     """Run one ``run`` frame through Celery's tracer; the ``done`` frame (``mem`` is the caller's to fill)."""
     ctx.in_task = True
     memory.start_peak(ctx)
+    if ctx.models is not None:
+        ctx.models.budget = frame.get("budget")  # the task's model is loaded inside its call (protect)
     try:
         try:
             task, args, kwargs, embed = decode(ctx, app, frame["name"], frame)
@@ -153,5 +155,6 @@ def run_task(ctx: DeviceContext, app: Any, frame: protocol.RunFrame, hostname: s
             outcome = trace(ctx, app, task, frame, args, kwargs, embed, hostname)
     finally:
         ctx.in_task = False
+        ctx.item_cost = None
     splits, _ = ctx.take_oom_stats()
-    return protocol.done(frame["job"], outcome, 0, memory.peak(ctx), splits)
+    return protocol.done(frame["job"], outcome, 0, memory.peak(ctx), splits, ctx.take_cost())

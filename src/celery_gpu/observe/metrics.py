@@ -12,7 +12,7 @@ Metric                                     Type       Labels               Meani
 celery_gpu_device_utilization_ratio        gauge      host, device         Utilization, 0..1
 celery_gpu_device_memory_used_bytes        gauge      host, device         Memory in use on the device
 celery_gpu_device_memory_total_bytes       gauge      host, device         Device memory (reading, else declared total)
-celery_gpu_device_memory_reserved_bytes    gauge      host, device         Memory declared by the running tasks
+celery_gpu_device_memory_reserved_bytes    gauge      host, device         Declared by running tasks + models
 celery_gpu_device_temperature_celsius      gauge      host, device         Temperature
 celery_gpu_device_power_watts              gauge      host, device         Power draw
 celery_gpu_device_quarantined              gauge      host, device         1 when the device is marked failed
@@ -26,12 +26,25 @@ celery_gpu_process_restarts_total          counter    host, device, slot   Resta
 celery_gpu_oom_splits_total                counter    host, device         Batches split after running out of memory
 celery_gpu_task_reruns_total               counter    host, device         Tasks run again after their process died
 celery_gpu_leak_recycles_total             counter    host, device         Processes replaced for holding too much
+celery_gpu_sticky_errors_total             counter    host, device         Sticky CUDA errors (processes poisoned)
 celery_gpu_worker_ready                    gauge      host                 1 when the worker is ready (``/ready``)
 celery_gpu_pending_tasks                   gauge      host                 Tasks and batch items waiting in the pool
 celery_gpu_batch_waiting_items             gauge      host, task           Items waiting for a batch
 celery_gpu_batches_total                   counter    host, task           Batches run
 celery_gpu_batch_items_total               counter    host, task           Items run in batches
 celery_gpu_batch_calls_total               counter    host, task           Calls of the batch task
+celery_gpu_device_memory_headroom_bytes    gauge      host, device         Total less max(reserved, in use)
+celery_gpu_model_resident_bytes            gauge      host, device, model  Bytes a model holds on the device
+celery_gpu_model_loads_total               counter    host, device, model  Loads of the model there
+celery_gpu_model_evictions_total           counter    host, device, model  Evictions of it there (LRU by bytes)
+celery_gpu_queue_backlog_messages          gauge      host, queue          Messages waiting in the broker
+celery_gpu_waiting_items                   gauge      host, task           Items (and plain tasks) waiting in the pool
+celery_gpu_batch_fill_ratio                gauge      host, task           Items ÷ batch over the last minute
+celery_gpu_task_item_memory_bytes          gauge      host, task           Device memory one item needs
+celery_gpu_expired_items_total             counter    host, task           Items ended REVOKED (expired) waiting
+celery_gpu_device_seconds_total            counter    host, task           Device time of the task's calls
+celery_gpu_energy_joules_total             counter    host, task           Their energy (NVML; simulated on fake)
+celery_gpu_metered_items_total             counter    host, task           Items (or plain tasks) those calls served
 celery_gpu_queue_wait_seconds              histogram  host, device         Wait in the pool before a task starts
 celery_gpu_task_run_seconds                histogram  host, device         Run time of a task in its device process
 celery_gpu_batch_size                      histogram  host, task           Items per batch
@@ -49,7 +62,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .endpoint import Endpoint as MetricsExporter
 from .endpoint import PortInUse as MetricsPortInUse
 from .endpoint import Snapshot, start_endpoint
-from .snapshot import DeviceStatus, HistogramData, Status
+from .snapshot import CostInfo, DeviceStatus, HistogramData, ScalingInfo, Status
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -162,12 +175,53 @@ class _Families:
             self.add("counter", "celery_gpu_batches_total", "Batches run.", labels, stats["batches"])
             self.add("counter", "celery_gpu_batch_items_total", "Items run in batches.", labels, stats["items"])
             self.add("counter", "celery_gpu_batch_calls_total", "Calls of the batch task.", labels, stats["calls"])
+        self.add_costs(snap.get("costs") or {})
+        self.add_scaling(snap.get("scaling"))
+        for task, count in (snap.get("expired") or {}).items():
+            self.add("counter", "celery_gpu_expired_items_total",
+                     "Items whose deadline (expires, deadline_ms) passed while they waited in the pool: ended "
+                     "REVOKED, never run.", {"task": task}, count)
         histograms: dict[str, dict[str, HistogramData]] = dict(snap["histograms"])  # type: ignore[arg-type]
         for name, key, label, doc in _HISTOGRAMS:
             for value, hist in histograms.get(key, {}).items():
                 self.add_histogram(name, doc, label, value, hist)
         age = max(0.0, time.time() - float(snap["timestamp"]))
         self.add("gauge", "celery_gpu_snapshot_age_seconds", "Age of the pool snapshot when scraped.", {}, age)
+
+    def add_costs(self, costs: dict[str, CostInfo]) -> None:
+        """What each task's items cost on the devices (device time, energy where known, items served)."""
+        for task, cost in costs.items():
+            labels = {"task": task}
+            self.add("counter", "celery_gpu_device_seconds_total",
+                     "Device time of the task's calls of task code (an item's share: call time / its items).",
+                     labels, cost["device_s"])
+            if cost.get("energy_j") is not None:
+                self.add("counter", "celery_gpu_energy_joules_total",
+                         "Energy of the task's calls (NVML's energy counter; simulated on fake devices).", labels,
+                         float(cost["energy_j"] or 0.0))
+            self.add("counter", "celery_gpu_metered_items_total",
+                     "Items (or plain tasks) served by the metered calls.", labels, cost["items"])
+
+    def add_scaling(self, scaling: ScalingInfo | None) -> None:
+        """The autoscaling signals: broker backlog per queue; per task items waiting, batch fill, item memory."""
+        if not scaling:
+            return
+        for queue, count in scaling["queues"].items():
+            if count is not None:
+                self.add("gauge", "celery_gpu_queue_backlog_messages",
+                         "Messages waiting in the broker for the queue (sampled every gpu_backlog_interval).",
+                         {"queue": queue}, count)
+        for task, signals in scaling["tasks"].items():
+            labels = {"task": task}
+            self.add("gauge", "celery_gpu_waiting_items", "Items (and plain tasks) of the task waiting in the pool.",
+                     labels, signals["waiting"])
+            if signals["batch_fill"] is not None:
+                self.add("gauge", "celery_gpu_batch_fill_ratio",
+                         "Items / batch of the task's batches over the last minute.", labels, signals["batch_fill"])
+            if signals["item_memory"] is not None:
+                self.add("gauge", "celery_gpu_task_item_memory_bytes",
+                         "Device memory one item needs (declared memory / batch, or learned).", labels,
+                         signals["item_memory"])
 
     def add_device(self, dev: DeviceStatus) -> None:
         """The metrics of one device and its slots."""
@@ -182,6 +236,19 @@ class _Families:
         total = dev["total_memory"] if total is None else total
         if total is not None:
             self.add("gauge", "celery_gpu_device_memory_total_bytes", "Memory of the device, in bytes.", labels, total)
+        if dev.get("headroom") is not None:
+            self.add("gauge", "celery_gpu_device_memory_headroom_bytes",
+                     "Device memory left: total less the larger of what is reserved and what is in use.", labels,
+                     dev["headroom"])
+        for model, seen in (dev.get("models") or {}).items():
+            model_labels = {**labels, "model": model}
+            self.add("gauge", "celery_gpu_model_resident_bytes", "Bytes the model holds on the device now.",
+                     model_labels, seen["resident_bytes"])
+            self.add("counter", "celery_gpu_model_loads_total", "Loads of the model on the device.", model_labels,
+                     seen["loads"])
+            self.add("counter", "celery_gpu_model_evictions_total",
+                     "Evictions of the model from the device (least recently used, by bytes).", model_labels,
+                     seen["evictions"])
         reserved_doc = "Memory declared by the tasks running on the device, in bytes."
         self.add("gauge", "celery_gpu_device_memory_reserved_bytes", reserved_doc, labels, dev["reserved_memory"])
         quarantined_doc = "1 when the device is quarantined (marked failed)."
@@ -200,6 +267,9 @@ class _Families:
         self.add("counter", "celery_gpu_leak_recycles_total",
                  "Device processes replaced for holding more device memory than gpu_recycle_memory.", labels,
                  counters.get("leak_recycles", 0))
+        self.add("counter", "celery_gpu_sticky_errors_total",
+                 "Sticky CUDA errors reported by the device's processes (each replaced the process).", labels,
+                 counters.get("sticky_errors", 0))
         for slot in dev["slots"]:
             slot_labels = {**labels, "slot": str(slot["slot"])}
             up = slot["pid"] is not None and slot["state"] not in _SLOT_DOWN

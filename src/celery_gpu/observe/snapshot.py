@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, Protocol, TypedDict
 
 __all__ = [
-    "BatchingInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms", "MemoryInfo",
-    "Reading", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
+    "BatchingInfo", "CostInfo", "Counters", "DeviceInfo", "DeviceStatus", "HistogramData", "Histograms",
+    "MemoryInfo", "ModelInfo", "Reading", "ScalingInfo", "SlotInfo", "SlotStatus", "Status", "StatusSource", "Summary",
+    "TaskScaling",
 ]
 
 
@@ -35,6 +36,7 @@ class Counters(TypedDict):
     oom_splits: int
     reruns: int
     leak_recycles: int
+    sticky_errors: int
 
 
 class _SlotInfo(TypedDict):
@@ -53,10 +55,14 @@ class SlotInfo(_SlotInfo, total=False):
     setup_error: str
 
 
-class SlotStatus(SlotInfo):
+class _SlotStatus(SlotInfo):
+    restarts: int
+
+
+class SlotStatus(_SlotStatus, total=False):
     """One device process in the status snapshot."""
 
-    restarts: int
+    models: list[str]  # the models it holds, least recently used first (apps that declare models)
 
 
 class DeviceInfo(TypedDict):
@@ -69,6 +75,14 @@ class DeviceInfo(TypedDict):
     reserved_memory: int
     failed: bool
     slots: list[SlotInfo]
+
+
+class ModelInfo(TypedDict):
+    """A model on one device: the bytes its processes hold now, and how often it was loaded and evicted there."""
+
+    resident_bytes: int
+    loads: int
+    evictions: int
 
 
 class DeviceStatus(TypedDict):
@@ -84,6 +98,8 @@ class DeviceStatus(TypedDict):
     reason: str | None
     readings: Reading
     counters: Counters
+    headroom: int  # total memory minus the larger of what is reserved (declared) and what is in use (reading)
+    models: dict[str, ModelInfo]  # declared models seen on this device
 
 
 class BatchingInfo(TypedDict):
@@ -94,6 +110,31 @@ class BatchingInfo(TypedDict):
     calls: int
     mean_batch: float
     waiting: int
+
+
+class CostInfo(TypedDict):
+    """What one task's items cost on the devices: items metered, their device time and energy (None: no
+    device reported energy for them)."""
+
+    items: int
+    device_s: float
+    energy_j: float | None
+
+
+class TaskScaling(TypedDict):
+    """Autoscaling signals of one task: items waiting in the pool, recent batch fill, device memory per item."""
+
+    waiting: int
+    batch_fill: float | None  # items ÷ batch over the last minute (batched tasks that ran then), else None
+    item_memory: int | None  # bytes one item (a plain task: one call) needs: declared ÷ batch, or learned
+
+
+class ScalingInfo(TypedDict):
+    """Autoscaling signals of a worker: the broker backlog of its queues (None: unknown) and its tasks."""
+
+    queues: dict[str, int | None]
+    sampled_at: float  # when the backlog was sampled (0: never)
+    tasks: dict[str, TaskScaling]
 
 
 class HistogramData(TypedDict):
@@ -128,6 +169,9 @@ class Summary(TypedDict):
     devices: list[DeviceStatus]
     batching: dict[str, BatchingInfo]
     memory: MemoryInfo
+    costs: dict[str, CostInfo]  # by task name
+    expired: dict[str, int]  # by task name: items whose deadline passed while they waited (ended REVOKED)
+    scaling: ScalingInfo
 
 
 class Status(Summary):

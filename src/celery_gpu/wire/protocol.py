@@ -35,10 +35,10 @@ from ..errors import FrameError
 
 __all__ = [
     "EXIT_FAULT_START", "EXIT_POISONED", "EXIT_SETUP_FAILED", "HEARTBEAT_EVERY", "PIPE_TIMEOUT", "SPEC_ENV",
-    "AppSpec", "BatchDoneFrame", "BatchFrame", "CancelFrame", "DoneFrame", "Failure", "FailureFlow",
+    "AppSpec", "BatchDoneFrame", "BatchFrame", "CancelFrame", "Cost", "DoneFrame", "Failure", "FailureFlow",
     "FromDevice", "HeartbeatFrame", "Item", "Outcome", "PoisonedFrame", "ReadyFrame", "RunFrame",
-    "SetupFailedFrame", "StartSpec", "StopFrame", "ToDevice", "batch_done", "batch_frame", "cancel", "done",
-    "failed_outcome", "failure", "heartbeat", "item", "poisoned", "read", "ready", "run", "setup_failed",
+    "SetupFailedFrame", "StartSpec", "StopFrame", "ToDevice", "add_models", "batch_done", "batch_frame", "cancel",
+    "done", "failed_outcome", "failure", "heartbeat", "item", "poisoned", "read", "ready", "run", "setup_failed",
     "stop",
 ]
 
@@ -102,17 +102,25 @@ class Item(TypedDict):
 # -- main → device -----------------------------------------------------------------------------------------------
 
 
-class RunFrame(Item):
+class _Run(Item):
     t: Literal["run"]
     job: int
     name: str
 
 
-class BatchFrame(TypedDict):
+class RunFrame(_Run, total=False):
+    budget: int  # bytes this process's models may hold on the device while it runs (absent: no limit)
+
+
+class _Batch(TypedDict):
     t: Literal["batch"]
     job: int
     name: str
     items: list[Item]
+
+
+class BatchFrame(_Batch, total=False):
+    budget: int
 
 
 class CancelFrame(TypedDict):
@@ -163,6 +171,11 @@ class _Done(Outcome):
 class DoneFrame(_Done, total=False):
     peak: int  # the call's peak device memory above its start, where it can be measured
     oom_splits: int  # out-of-memory recoveries during the task
+    device_s: float  # device time of the task's metered calls of task code
+    energy_j: float  # their energy, where the device reports it
+    models: list[tuple[str, int]]  # models the process holds after the task, least recently used first, bytes
+    loaded: list[str]  # models it loaded for the task
+    evicted: list[str]  # models it evicted for it
 
 
 class _BatchDone(TypedDict):
@@ -177,6 +190,11 @@ class BatchDoneFrame(_BatchDone, total=False):
     peak_per_item: int
     oom_splits: int
     fit: int  # the largest call that fit after an out-of-memory split
+    device_s: float  # device time of the batch's calls of the function (bisection included)
+    energy_j: float  # their energy, where the device reports it
+    models: list[tuple[str, int]]
+    loaded: list[str]
+    evicted: list[str]
 
 
 FromDevice = ReadyFrame | HeartbeatFrame | PoisonedFrame | SetupFailedFrame | DoneFrame | BatchDoneFrame
@@ -206,7 +224,10 @@ def item(uuid: str, request: dict[str, Any], body: Any, content_type: str, conte
 
 
 def run(job: int, name: str, task: Item) -> RunFrame:
-    return {"t": "run", "job": job, "name": name, **task}
+    frame: RunFrame = {"t": "run", "job": job, "name": name, "uuid": task["uuid"], "request": task["request"],
+                       "body": task["body"], "content_type": task["content_type"],
+                       "content_encoding": task["content_encoding"]}
+    return frame
 
 
 def batch_frame(job: int, name: str, items: list[Item]) -> BatchFrame:
@@ -237,7 +258,19 @@ def setup_failed(error: str, traceback: str) -> SetupFailedFrame:
     return {"t": "setup_failed", "error": error, "traceback": traceback}
 
 
-def done(job: int, outcome: Outcome, mem: int, peak: int | None, oom_splits: int) -> DoneFrame:
+#: What the calls of a task or batch cost: ``(device seconds, joules or None)``.
+Cost = tuple[float, float | None]
+
+
+def _add_cost(frame: DoneFrame | BatchDoneFrame, cost: Cost | None) -> None:
+    if cost is not None and cost[0] > 0:
+        frame["device_s"] = cost[0]
+        if cost[1] is not None:
+            frame["energy_j"] = cost[1]
+
+
+def done(job: int, outcome: Outcome, mem: int, peak: int | None, oom_splits: int,
+         cost: Cost | None = None) -> DoneFrame:
     frame: DoneFrame = {"t": "done", "job": job, "mem": mem, "failed": outcome["failed"], "runtime": outcome["runtime"]}
     for key in ("retval", "exc", "cancelled"):
         if key in outcome:
@@ -246,16 +279,18 @@ def done(job: int, outcome: Outcome, mem: int, peak: int | None, oom_splits: int
         frame["peak"] = peak
     if oom_splits:
         frame["oom_splits"] = oom_splits
+    _add_cost(frame, cost)
     return frame
 
 
 def batch_done(job: int, items: list[Outcome], calls: int, mem: int, peak_per_item: int | None,
-               oom_splits: int, fit: int) -> BatchDoneFrame:
+               oom_splits: int, fit: int, cost: Cost | None = None) -> BatchDoneFrame:
     frame: BatchDoneFrame = {"t": "batch_done", "job": job, "items": items, "calls": calls, "mem": mem}
     if oom_splits:
         frame["oom_splits"], frame["fit"] = oom_splits, fit  # the pool forms batches of at most `fit` items now
     if peak_per_item is not None:
         frame["peak_per_item"] = peak_per_item
+    _add_cost(frame, cost)
     return frame
 
 
@@ -301,17 +336,41 @@ def _maybe_int(d: dict[str, Any], key: str) -> int | None:
     return _int(d[key]) if d.get(key) is not None else None
 
 
+def _cost(d: dict[str, Any]) -> Cost:
+    energy = d.get("energy_j")
+    return _float(d.get("device_s")), None if energy is None else _float(energy)
+
+
+def add_models(frame: DoneFrame | BatchDoneFrame, resident: list[tuple[str, int]], loaded: list[str],
+               evicted: list[str]) -> None:
+    """What the process's models are after the work (a device process whose app declares models)."""
+    frame["models"], frame["loaded"], frame["evicted"] = resident, loaded, evicted
+
+
+def _read_models(d: dict[str, Any], frame: DoneFrame | BatchDoneFrame) -> None:
+    models = d.get("models")
+    if not isinstance(models, list):
+        return
+    resident = [(str(m[0]), _int(m[1])) for m in models if isinstance(m, (list, tuple)) and len(m) == 2]
+    names = [[str(n) for n in d.get(k) or () if isinstance(n, str)] for k in ("loaded", "evicted")]
+    add_models(frame, resident, names[0], names[1])
+
+
 def _read_done(d: dict[str, Any]) -> DoneFrame:
-    return done(_int(d.get("job"), -1), _outcome(d), _int(d.get("mem")), _maybe_int(d, "peak"),
-                _int(d.get("oom_splits")))
+    frame = done(_int(d.get("job"), -1), _outcome(d), _int(d.get("mem")), _maybe_int(d, "peak"),
+                 _int(d.get("oom_splits")), _cost(d))
+    _read_models(d, frame)
+    return frame
 
 
 def _read_batch_done(d: dict[str, Any]) -> BatchDoneFrame:
     items = d.get("items")
     # A malformed list stays recognisable as such (empty: the pool fails every item of the batch by name).
     outcomes = [_outcome(o) for o in items] if isinstance(items, list) else []
-    return batch_done(_int(d.get("job"), -1), outcomes, _int(d.get("calls")), _int(d.get("mem")),
-                      _maybe_int(d, "peak_per_item"), _int(d.get("oom_splits")), _int(d.get("fit")))
+    frame = batch_done(_int(d.get("job"), -1), outcomes, _int(d.get("calls")), _int(d.get("mem")),
+                       _maybe_int(d, "peak_per_item"), _int(d.get("oom_splits")), _int(d.get("fit")), _cost(d))
+    _read_models(d, frame)
+    return frame
 
 
 def _read_ready(d: dict[str, Any]) -> ReadyFrame:

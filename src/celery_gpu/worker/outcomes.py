@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from billiard.exceptions import Terminated, WorkerLostError
+from celery.exceptions import TaskRevokedError
 
 from ..errors import TaskCrashedDevice
 from ..observe.telemetry import Telemetry
@@ -70,6 +71,14 @@ class Outcomes:
             self.telemetry.ended(job.slot.device.label, failed, runtime)
         return True
 
+    def expire(self, job: Job) -> None:
+        """``job``'s deadline passed while it waited: Celery ends it as an expired task (REVOKED, a
+        ``task-revoked`` event with ``expired=True``, acknowledged); it never ran, so it is counted apart."""
+        job.finished = True
+        self.telemetry.expired[job.name] += 1
+        if not job.expire():  # no Celery request to tell (never the case in a worker)
+            self.fail(job, TaskRevokedError(f"{job.name}[{job.task_id}] expired while it waited in the pool"))
+
     def reject(self, job: Job, exc: BaseException) -> None:
         """A task that can never run here fails at once; it is accepted first, which acknowledges its message
         (when not ``acks_late``), so it is not redelivered to this worker in a loop."""
@@ -110,8 +119,10 @@ class Outcomes:
         self.fail(job, TaskCrashedDevice(reason))
 
     def learn(self, slot: Slot, work: Work, frame: protocol.DoneFrame | protocol.BatchDoneFrame) -> None:
-        """Take in what a device process measured: out-of-memory splits, the batch size that fit, peaks."""
+        """Take in what a device process measured: the calls' cost, out-of-memory splits, the batch size that
+        fit, peaks."""
         device = slot.device.label
+        self.telemetry.cost(work.name, len(work.jobs), frame.get("device_s", 0.0), frame.get("energy_j"))
         splits = frame.get("oom_splits", 0)
         if splits:
             self.telemetry.oom_splits[device] += splits

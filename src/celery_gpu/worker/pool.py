@@ -25,19 +25,23 @@ from celery.concurrency.base import BasePool
 from ..devices import Device, discover
 from ..errors import FrameError
 from ..observe import control
+from ..observe.backlog import BacklogSampler, consumed_queues
 from ..observe.health import TAKING_WORK, notify_systemd
 from ..observe.readings import Readings
 from ..observe.snapshot import Status
 from ..observe.telemetry import Telemetry
 from ..payload import claims
+from ..registry import record_of
 from ..settings import Settings
 from ..tasks.batched import BatchOptions
 from ..wire import protocol
 from ..wire.appref import locate_app
 from . import flags, snapshot
+from .admission import MemoryBook
 from .loop import HubLoop, ThreadLoop, call_safely
 from .outcomes import Outcomes
 from .process import Slot
+from .residency import Residency
 from .scheduler import Scheduler
 from .supervisor import TICK, Supervisor
 from .work import Batch, Job, Work
@@ -62,7 +66,12 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.settings = Settings.from_app(app.conf if app is not None else None)
         self.devices: list[Device] = discover(self.settings.devices)
         self.slots = [Slot(d, k) for d in self.devices for k in range(self.settings.per_device)]
-        self.scheduler = Scheduler(self.devices)
+        record = record_of(app) if app is not None else None
+        self.scheduler = Scheduler(self.devices, MemoryBook(quiet=self.settings.oom_cap_quiet),
+                                   Residency(record.model_specs if record is not None else None))
+        self.scheduler.model_wait = self.settings.model_wait
+        self.scheduler.aging = self.settings.priority_aging
+        self.scheduler.lower_first = _lower_priority_first(app)
         self.telemetry = Telemetry()
         self.outcomes = Outcomes(app, self.settings, self.telemetry, self.scheduler.book)
         self.supervisor = Supervisor(self.slots, self.settings, self.scheduler, self.outcomes, self.telemetry,
@@ -79,6 +88,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self.published: Status | None = None  # the latest status(), for readers on other threads
         self._publish_at = 0.0
         self._exporter: Any = None
+        self._backlog: BacklogSampler | None = None
         self._consumer_ready = False  # Celery's worker_ready: the consumer has connected
         self._announced = False  # the worker's readiness was logged (and told to systemd) once
 
@@ -109,6 +119,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         control.register_source(self)
         signals.worker_ready.connect(self._on_worker_ready, weak=False)
         claims.defer_fetch()  # this process decodes bodies (Celery's Request) but never runs them
+        if self.settings.backlog_interval:
+            self._backlog = BacklogSampler(self.app, lambda: consumed_queues(self.app),
+                                           self.settings.backlog_interval).start()
         if self.settings.metrics_port:
             self._start_exporter()
 
@@ -125,7 +138,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
             options.get("timeout_callback"),
             options.get("soft_timeout") or self._default_soft, options.get("timeout") or self._default_hard,
             opts if isinstance(opts, BatchOptions) else None, bool(getattr(task, "gpu_memory_auto", False)),
+            getattr(task, "gpu_model", None),
         )
+        job.max_age = getattr(task, "gpu_deadline", None)
         assert self._loop is not None, "apply_async before the pool started"
         self._loop.run(self._submit, job)
         return job
@@ -193,7 +208,7 @@ class GPUPool(BasePool):  # type: ignore[misc]
         """Readiness, devices, their readings, processes, counters and histograms, as plain data (``inspect gpu``,
         the ``worker-gpu`` event, the metrics endpoint). Call it on the pool's loop thread."""
         return snapshot.status(self._hostname, self.devices, self.slots, self.scheduler, self.telemetry,
-                               self._readings, self._consumer_ready)
+                               self._readings, self._consumer_ready, self._backlog)
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
@@ -216,16 +231,22 @@ class GPUPool(BasePool):  # type: ignore[misc]
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hand waiting work to idle device processes, oldest first (see ``scheduler.py`` for the policy)."""
+        """End the waiting work whose deadline passed, then hand waiting work to idle device processes, most
+        urgent first (see ``scheduler.py`` for the policy)."""
+        for job in self.scheduler.expire_due(time.monotonic()):
+            self.outcomes.expire(job)
         while not self.supervisor.closing:
             idle = [s for s in self.slots if s.state == "idle"]
             if not idle:
-                return
+                break
             busy = any(s.state == "busy" for s in self.slots)
             picked = self.scheduler.pick(idle, busy, time.monotonic(), self._wake_at)
             if picked is None:
-                return
+                break
             self._start(picked.place, picked.jobs, picked.batched)
+        deadline = self.scheduler.next_deadline()
+        if deadline is not None:
+            self._wake_at(deadline)  # it is ended then, if it still waits
 
     def _wake_at(self, when: float) -> None:
         """Run the dispatcher again at ``when`` (a held batch's deadline)."""
@@ -250,9 +271,13 @@ class GPUPool(BasePool):  # type: ignore[misc]
         if not live:
             return
         work: Work = Batch(next(self._seq), live) if batched else live[0]
+        frame = work.frame()
+        models = self.scheduler.models
+        if models.declared:  # the app declares models: what this process's models may hold while it runs
+            frame["budget"] = self.scheduler.budget(slot) - work.memory
         assert slot.chan is not None
         try:
-            slot.chan.write(work.frame())
+            slot.chan.write(frame)
         except FrameError as exc:
             for job in live:
                 self.outcomes.reject(job, exc)
@@ -263,11 +288,13 @@ class GPUPool(BasePool):  # type: ignore[misc]
             return
         slot.begin(work)
         self.scheduler.reserve(slot.device, work.memory)
+        if "budget" in frame:
+            models.dispatch(slot.label, work.model, frame["budget"])
         work.started = time.monotonic()
         for job in live:
             self._accepted(slot, job, work.started)
         if batched:
-            self.telemetry.batch(work.name, len(live))
+            self.telemetry.batch(work.name, len(live), live[0].batch.size if live[0].batch else 0)
             self.scheduler.count_batch(work.name, len(live))
 
     def _accepted(self, slot: Slot, job: Job, started: float) -> None:
@@ -288,6 +315,9 @@ class GPUPool(BasePool):  # type: ignore[misc]
         slot.process_tasks += ran
         slot.crashes = 0
         slot.mem = frame["mem"]
+        if "models" in frame:
+            self.scheduler.models.report(slot.device.label, slot.label, frame["models"], frame.get("loaded", []),
+                                         frame.get("evicted", []))
         if work is not None:
             self.outcomes.learn(slot, work, frame)
         self.supervisor.after_task(slot)
@@ -364,9 +394,21 @@ class GPUPool(BasePool):  # type: ignore[misc]
     def _stop_monitoring(self) -> None:
         signals.worker_ready.disconnect(self._on_worker_ready)
         control.unregister_source(self)
+        if self._backlog is not None:
+            self._backlog.stop()
+            self._backlog = None
         if self._exporter is not None:
             self._exporter.stop()
             self._exporter = None
+
+
+def _lower_priority_first(app: Any) -> bool:
+    """Whether the app's broker delivers a smaller priority number first (kombu's Redis transport), as opposed to
+    a larger one (RabbitMQ's ``x-max-priority`` queues)."""
+    try:
+        return bool(app is not None and app.connection_for_read().transport.driver_type == "redis")
+    except Exception:  # an unknown transport: RabbitMQ's order, Celery's documented default
+        return False
 
 
 _SIGTERM = signal.SIGTERM

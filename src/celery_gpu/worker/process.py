@@ -66,6 +66,7 @@ class Slot:
         self.setup_error: str | None = None
         self.crashes = 0  # deaths in a row without a task completed in between (respawn backoff)
         self.last_seen = 0.0  # when its last frame (heartbeats included) arrived
+        self.spawned_at = 0.0  # when its current process was started (the setup timeout counts from there)
         self.death: str | None = None  # why it is dying, when known before it exits (sticky error, frozen)
         self.mem = 0  # device memory it held after its last task
 
@@ -181,7 +182,7 @@ class Slot:
         self._move("starting")
         self.setup_error = None
         self.death = None
-        self.last_seen = time.monotonic()
+        self.last_seen = self.spawned_at = time.monotonic()
         self.process_tasks = 0
         self.recycle_due = False
 

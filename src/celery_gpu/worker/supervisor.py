@@ -1,6 +1,7 @@
 """The pool's device processes kept alive and honest: started, read, replaced when they exit (backing off when
-they keep dying), quarantined with their device when they cannot start, recycled when they leak, killed when
-their work overruns its hard time limit or they stop sending heartbeats.
+they keep dying), quarantined with their device when they cannot start (a setup hook that raises, or that does
+not finish within ``setup_timeout``) or keep hitting sticky CUDA errors (``sticky_limit`` in ``sticky_window``),
+recycled when they leak, killed when their work overruns its hard time limit or they stop sending heartbeats.
 
 Everything here runs on the pool's loop thread. What a process *ran* is the pool's and the scheduler's: the
 supervisor hands ``done`` frames to the pool, and the work of a process that died to :class:`Outcomes`.
@@ -13,6 +14,7 @@ import os
 import selectors
 import signal
 import time
+from collections import defaultdict, deque
 from collections.abc import Callable
 
 from billiard.exceptions import TimeLimitExceeded
@@ -54,6 +56,8 @@ class Supervisor:
         self.app: protocol.AppSpec | None = None  # how device processes import the app (set when the pool starts)
         self.loop: HubLoop | ThreadLoop | None = None
         self.closing = False
+        # device label -> (time, tasks in flight) of the recent sticky errors counted against it
+        self.sticky: dict[str, deque[tuple[float, frozenset[str]]]] = defaultdict(deque)
 
     # -- starting ------------------------------------------------------------------------------------------------
 
@@ -106,6 +110,7 @@ class Supervisor:
             logger.error("celery-gpu: %s (pid %s) hit a sticky CUDA error and is replaced; nothing it computed "
                          "after the error is reported: %s\n%s", slot.label, slot.pid, frame["error"],
                          frame["traceback"])
+            self._count_sticky(slot)
         elif frame["t"] == "ready":
             if slot.ready(frame["pid"], frame["mem"]):
                 logger.info("celery-gpu: %s ready, pid %s (setup %.2fs)", slot.label, slot.pid, frame["setup_s"])
@@ -141,12 +146,15 @@ class Supervisor:
         was = slot.state
         code = slot.reap()
         work = self.scheduler.release(slot)
+        self.scheduler.models.clear(slot.label)  # its models went with it
         death = slot.death or exit_status(code)
         again = [job for job in (work.jobs if work is not None else [])
                  if self.outcomes.lost(job, slot, death, self.closing)]
         self.scheduler.requeue(again)
         if self.closing or was == "failed" or slot.device.label in self.scheduler.quarantined:
             slot.stopped()
+            if again:
+                self.dispatch()  # its device is out of service (repeated sticky errors): the rest run them
             return
         if was == "recycling" and work is None:
             logger.info("celery-gpu: %s (pid %s) replaced after %d tasks", slot.label, slot.pid, slot.process_tasks)
@@ -171,6 +179,29 @@ class Supervisor:
         slot.down(time.monotonic() + delay)
         if not delay:
             self.spawn(slot)
+
+    def _count_sticky(self, slot: Slot) -> None:
+        """One more sticky error on ``slot``'s device: out of service after ``sticky_limit`` in the window.
+
+        An error counts only when none of the tasks in flight was in flight at an error counted before in the
+        window: a poison task that breaks every process it runs in (its re-runs, bounded by ``max_attempts``)
+        counts once; it is the task's fault, and its dead letter's business, not the device's."""
+        label = slot.device.label
+        self.telemetry.sticky_errors[label] += 1
+        limit, window = self.settings.sticky_limit, self.settings.sticky_window
+        if not limit:
+            return
+        now = time.monotonic()
+        recent = self.sticky[label]
+        while recent and now - recent[0][0] > window:
+            recent.popleft()
+        tasks = frozenset(job.task_id for job in slot.job.jobs) if slot.job is not None else frozenset()
+        if any(tasks & earlier for _, earlier in recent):
+            return
+        recent.append((now, tasks))
+        if len(recent) >= limit:
+            self.quarantine(slot, f"{len(recent)} sticky CUDA errors within {window:g}s "
+                                  f"(gpu_sticky_limit={limit}); last: {slot.death}")
 
     def quarantine(self, slot: Slot, reason: str) -> None:
         """``slot``'s device takes no more work: its processes are killed, and tasks that no working device can
@@ -204,6 +235,12 @@ class Supervisor:
                 self._limits(slot, work, now)
             if slot.state == "down" and now >= slot.respawn_at and not self.closing:
                 self.spawn(slot)
+            elif slot.state == "starting" and self._setup_overdue(slot, now):
+                limit = self.settings.setup_timeout
+                slot.setup_error = f"setup did not finish within {limit:g}s (gpu_setup_timeout)"
+                logger.error("celery-gpu: %s (pid %s) is still starting after %.0fs (importing the app and running "
+                             "the @gpu.setup hooks); killing it", slot.label, slot.pid, now - slot.spawned_at)
+                self.quarantine(slot, slot.setup_error)
             elif slot.state in ("idle", "busy") and self._silent(slot, now):
                 silent = now - slot.last_seen
                 slot.death = f"no heartbeat for {silent:.0f}s (frozen: stuck in native code, or stopped)"
@@ -239,6 +276,11 @@ class Supervisor:
             if job.timeout_callback is not None:
                 call_safely(job.timeout_callback, False, limit)
         slot.kill(signal.SIGKILL)
+
+    def _setup_overdue(self, slot: Slot, now: float) -> bool:
+        """Whether a starting process has been starting for longer than ``setup_timeout``."""
+        limit = self.settings.setup_timeout
+        return bool(limit and now - slot.spawned_at > limit)
 
     def _silent(self, slot: Slot, now: float) -> bool:
         """Whether a started process's heartbeats have lapsed (and nothing of it waits unread on the pipe)."""

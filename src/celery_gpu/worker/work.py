@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from ..devices import Device
@@ -33,6 +34,7 @@ class Work(Protocol):
     name: str
     task_id: str  # for logs ("<id> +3 more" for a batch)
     memory: int  # device memory it reserves while it runs
+    model: str | None  # the model it uses
     soft: float | None  # time limits, seconds
     hard: float | None
     slot: Runner | None
@@ -52,6 +54,15 @@ class Work(Protocol):
 class Job:
     """A task in the pool; Celery's request keeps a weak reference to it (``terminate``, ``worker_pids``)."""
 
+    # Its place while it waits (set by the scheduler, see ``queues.py``).
+    key = 0.0  # when it arrived, moved earlier by its priority: the smallest leaves first
+    level = 0  # its priority level, larger = more urgent (its Celery priority in the broker's order)
+    deadline: float | None = None  # monotonic time by which it must start (its expires / the task's deadline_ms)
+    entry = 0  # its current entry in the waiting queues
+    waiting = False  # whether it waits in a queue now
+    max_age: float | None = None  # the task's deadline_ms, in seconds from its arrival in the pool
+    model: str | None = None  # the declared model it uses (@gpu.task(model=...)), loaded where it runs
+
     def __init__(
         self,
         seq: int,
@@ -65,6 +76,7 @@ class Job:
         hard: float | None,
         batch: BatchOptions | None = None,
         auto: bool = False,
+        model: str | None = None,
     ) -> None:
         self.seq = seq
         self.name, self.task_id, self.request, self.body, self.content_type, self.content_encoding = args
@@ -83,8 +95,10 @@ class Job:
         self.terminated: int | None = None
         self.cancel_sent = False  # the device process was told not to trace it (terminated inside a batch)
         self.batch = batch  # set for an item of a batched task
-        self.arrived = time.monotonic()
+        self.arrived = self.key = time.monotonic()
+        self.entry, self.waiting = 0, False  # set here too: every job's attributes in one shape (faster)
         self.auto = auto  # memory="auto": ``memory`` is set from what the pool learned, before each placement
+        self.model = model
         self.deaths: list[tuple[str, str]] = []  # (slot label, what happened) per device process that died under it
 
     @property
@@ -111,6 +125,58 @@ class Job:
     def celery_request(self) -> Any:
         """Celery's ``Request`` of the task (the owner of its accept callback), if there is one."""
         return getattr(self.accept_callback, "__self__", None)
+
+    def priority(self) -> int:
+        """The Celery priority of its message (0 when it has none), as the broker received it."""
+        request = self.request
+        info = request.get("delivery_info")
+        value = info.get("priority") if info else None
+        if value is None:
+            properties = request.get("properties")
+            value = properties.get("priority") if properties else None
+            if value is None:
+                return 0
+        try:
+            return max(0, min(255, int(value)))
+        except (TypeError, ValueError):
+            return 0
+
+    def expires_at(self) -> float | None:
+        """Its message's ``expires`` as a POSIX time, or None."""
+        raw = self.request.get("expires")
+        if not raw:
+            return None
+        expires = getattr(self.celery_request, "expires", None)  # Celery's Request parsed it already
+        if expires is None:
+            from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+            try:
+                expires = maybe_make_aware(maybe_iso8601(raw))
+            except (TypeError, ValueError, AttributeError):
+                return None
+        return float(expires.timestamp())
+
+    def deadline_from(self, now: float) -> float | None:
+        """The monotonic time by which it must start: its ``expires``, or the task's ``deadline_ms`` after its
+        arrival, whichever comes first; None when it has neither."""
+        expires = self.expires_at()
+        deadline = None if expires is None else now + (expires - time.time())
+        if self.max_age is not None:
+            own = self.arrived + self.max_age
+            deadline = own if deadline is None else min(deadline, own)
+        return deadline
+
+    def expire(self) -> bool:
+        """Its deadline passed while it waited: end it as Celery ends an expired task (REVOKED, ``task-revoked``
+        with ``expired=True``, acknowledged, the ``task_revoked`` signal); False when it has no Celery request."""
+        request = self.celery_request
+        if request is None or not hasattr(request, "revoked"):
+            return False
+        if hasattr(request, "expires"):  # Celery's Request: expired by its own rule, whoever set the deadline
+            now = datetime.now(timezone.utc)
+            if request.expires is None or request.expires >= now:
+                request.expires = now - timedelta(microseconds=1)
+        return bool(request.revoked())
 
     def revoked(self) -> bool:
         """Whether the task was revoked while it waited here (Celery's check, which marks and acks it)."""
@@ -143,6 +209,7 @@ class Batch:
         self.name = jobs[0].name
         self.task_id = f"{jobs[0].task_id} +{len(jobs) - 1} more" if len(jobs) > 1 else jobs[0].task_id
         self.memory = max(j.memory for j in jobs)  # a batched task declares the memory of one call
+        self.model = jobs[0].model
         softs = [j.soft for j in jobs if j.soft]
         hards = [j.hard for j in jobs if j.hard]
         self.soft: float | None = max(softs) if softs else None  # the call runs under its items' longest limit

@@ -43,6 +43,8 @@ def _cluster() -> dict[str, dict[str, Any]]:
                     counters={"succeeded": 0, "failed": 3, "restarts": 3, "oom_splits": 0}),
         ],
         "batching": {"proj.tasks.embed": {"batches": 5, "items": 300, "calls": 6, "mean_batch": 60.0, "waiting": 4}},
+        "costs": {"proj.tasks.embed": {"items": 300, "device_s": 0.75, "energy_j": 150.0},
+                  "proj.tasks.plain": {"items": 4, "device_s": 0.002, "energy_j": None}},
         "histograms": {},
     }
     cpu_box = {
@@ -78,6 +80,10 @@ def test_render_shows_every_worker_device_and_batch_within_80_columns() -> None:
     assert _line(text, "fake:0").split() == ["fake:0", "fake", "-", "1.0/8.0", "res", "-", "-", "1/1", "0", "0", "0"]
     assert _line(text, "cuda:2 ").split() == ["cuda:2", "H100", "80GB", "HBM3", "-", "2.0/80.0", "res", "-", "-",
                                               "0/1", "0", "3", "3"]
+    # per task: what its items cost on the device (device time, energy where the device reports it)
+    assert _line(text, "cost  proj.tasks.embed").split()[2:] == ["300", "items", "2.50", "ms/item", "0.50",
+                                                                 "J/item"]
+    assert _line(text, "cost  proj.tasks.plain").split()[2:] == ["4", "items", "0.50", "ms/item", "-", "J/item"]
     assert "res: memory reserved by celery-gpu" in text
     assert _line(text, "batch").split() == ["batch", "proj.tasks.embed", "mean", "batch", "60.0", "waiting", "4"]
 

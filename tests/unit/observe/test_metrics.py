@@ -36,7 +36,8 @@ def _snapshot() -> dict[str, Any]:
             {"slot": 1, "pid": 1235, "state": "idle", "task": None, "tasks_done": 2, "restarts": 0},
             {"slot": 2, "pid": None, "state": "starting", "task": None, "tasks_done": 0, "restarts": 0},
         ],
-        "counters": {"succeeded": 10, "failed": 2, "restarts": 1, "oom_splits": 3, "reruns": 5, "leak_recycles": 2},
+        "counters": {"succeeded": 10, "failed": 2, "restarts": 1, "oom_splits": 3, "reruns": 5, "leak_recycles": 2,
+                     "sticky_errors": 4},
     }
     fake = {
         "device": "fake:0", "name": "fake", "kind": "fake",
@@ -60,6 +61,11 @@ def _snapshot() -> dict[str, Any]:
             "run_seconds": {"cuda:0": _hist([[0.1, 4], [1.0, 9], ["+Inf", 10]], 4.5)},
             "batch_size": {"proj.embed": _hist([[1, 0], [64, 5], ["+Inf", 5]], 300)},
         },
+        "costs": {"proj.embed": {"items": 300, "device_s": 1.5, "energy_j": 450.0},
+                  "proj.plain": {"items": 7, "device_s": 0.07, "energy_j": None}},
+        "scaling": {"queues": {"gpu": 1200, "unknown": None}, "sampled_at": time.time(),
+                    "tasks": {"proj.embed": {"waiting": 4, "batch_fill": 0.75, "item_memory": 2**20},
+                              "proj.plain": {"waiting": 2, "batch_fill": None, "item_memory": None}}},
     }
 
 
@@ -154,6 +160,8 @@ def test_counters() -> None:
     assert _value(s, "celery_gpu_oom_splits_total", device="cuda:0") == 3
     assert _value(s, "celery_gpu_task_reruns_total", device="cuda:0") == 5
     assert _value(s, "celery_gpu_leak_recycles_total", device="cuda:0") == 2
+    assert _value(s, "celery_gpu_sticky_errors_total", device="cuda:0") == 4
+    assert _value(s, "celery_gpu_sticky_errors_total", device="fake:0") == 0, "an older worker's snapshot: 0"
     assert _value(s, "celery_gpu_task_reruns_total", device="fake:0") == 0, "an older worker's snapshot: 0"
     assert "celery_gpu_tasks_total_total" not in text
 
@@ -166,6 +174,40 @@ def test_pool_and_batching() -> None:
     assert _value(s, "celery_gpu_batch_items_total", task="proj.embed") == 300
     assert _value(s, "celery_gpu_batch_calls_total", task="proj.embed") == 6
     assert 4.0 < _value(s, "celery_gpu_snapshot_age_seconds") < 60.0
+
+
+def test_autoscaling_signals() -> None:
+    snap = _snapshot()
+    snap["devices"][0]["headroom"] = 5 * 2**30
+    s = _samples(render(snap))
+    assert _value(s, "celery_gpu_queue_backlog_messages", queue="gpu") == 1200
+    assert ("celery_gpu_queue_backlog_messages", frozenset({"host": HOST, "queue": "unknown"}.items())) not in s
+    assert _value(s, "celery_gpu_waiting_items", task="proj.embed") == 4
+    assert _value(s, "celery_gpu_waiting_items", task="proj.plain") == 2
+    assert _value(s, "celery_gpu_batch_fill_ratio", task="proj.embed") == 0.75
+    assert _value(s, "celery_gpu_task_item_memory_bytes", task="proj.embed") == 2**20
+    assert _value(s, "celery_gpu_device_memory_headroom_bytes", device="cuda:0") == 5 * 2**30
+    assert ("celery_gpu_device_memory_headroom_bytes", frozenset({"host": HOST, "device": "fake:0"}.items())) \
+        not in s, "an older worker's snapshot: no sample"
+
+
+def test_models_per_device() -> None:
+    snap = _snapshot()
+    snap["devices"][0]["models"] = {"bert": {"resident_bytes": 3 * 2**30, "loads": 2, "evictions": 1}}
+    s = _samples(render(snap))
+    assert _value(s, "celery_gpu_model_resident_bytes", device="cuda:0", model="bert") == 3 * 2**30
+    assert _value(s, "celery_gpu_model_loads_total", device="cuda:0", model="bert") == 2
+    assert _value(s, "celery_gpu_model_evictions_total", device="cuda:0", model="bert") == 1
+
+
+def test_cost_per_task() -> None:
+    s = _samples(render(_snapshot()))
+    assert _value(s, "celery_gpu_device_seconds_total", task="proj.embed") == 1.5
+    assert _value(s, "celery_gpu_energy_joules_total", task="proj.embed") == 450.0
+    assert _value(s, "celery_gpu_metered_items_total", task="proj.embed") == 300
+    assert _value(s, "celery_gpu_device_seconds_total", task="proj.plain") == 0.07
+    assert ("celery_gpu_energy_joules_total", frozenset({"host": HOST, "task": "proj.plain"}.items())) not in s, \
+        "no energy reading: no sample"
 
 
 def test_histograms() -> None:
@@ -193,7 +235,8 @@ def test_histogram_without_inf_bucket_gets_one() -> None:
 
 def test_empty_families_are_not_exported() -> None:
     snap = _snapshot()
-    snap["devices"], snap["batching"] = [], {}
+    snap["devices"], snap["batching"], snap["costs"] = [], {}, {}
+    snap["scaling"] = {"queues": {}, "sampled_at": 0.0, "tasks": {}}
     snap["histograms"] = {"queue_wait_seconds": {}, "run_seconds": {}, "batch_size": {}}
     text = render(snap)
     assert "celery_gpu_device" not in text

@@ -12,7 +12,7 @@ import pytest
 
 from celery_gpu.devices import Device
 from celery_gpu.observe.readings import Readings
-from celery_gpu.observe.telemetry import SIZE_BUCKETS, Histogram, Telemetry
+from celery_gpu.observe.telemetry import FILL_WINDOW, SIZE_BUCKETS, FillWindow, Histogram, Telemetry
 
 
 def test_histogram_is_cumulative_with_inf_last() -> None:
@@ -33,8 +33,9 @@ def test_telemetry_counts_per_device_and_task() -> None:
     t.batch("proj.embed", 64)
     t.reruns["fake:0"] += 3
     t.leak_recycles["fake:0"] += 1
+    t.sticky_errors["fake:0"] += 2
     assert t.counters("fake:0") == {"succeeded": 1, "failed": 1, "restarts": 2, "oom_splits": 0, "reruns": 3,
-                                    "leak_recycles": 1}
+                                    "leak_recycles": 1, "sticky_errors": 2}
     assert t.counters("fake:1")["succeeded"] == 1
     hist = t.histograms()
     assert hist["queue_wait_seconds"]["fake:0"]["count"] == 1
@@ -42,6 +43,35 @@ def test_telemetry_counts_per_device_and_task() -> None:
     size = hist["batch_size"]["proj.embed"]
     assert size["count"] == 1 and dict((str(b), n) for b, n in size["buckets"])["64"] == 1
     assert SIZE_BUCKETS[-1] >= 1024
+
+
+def test_batch_fill_is_items_over_room_in_the_last_minute() -> None:
+    now = [1000.0]
+    window = FillWindow(clock=lambda: now[0])
+    assert window.ratio() is None
+    window.add(16, 64)
+    window.add(64, 64)
+    assert window.ratio() == 0.625
+    now[0] += FILL_WINDOW - 1
+    window.add(32, 64)
+    assert window.ratio() == round(112 / 192, 4)
+    now[0] += 1  # the first two batches leave the window
+    assert window.ratio() == 0.5
+    now[0] += FILL_WINDOW
+    assert window.ratio() is None
+    t = Telemetry()
+    t.batch("proj.embed", 8, 32)
+    t.batch("proj.plainish", 1)  # no room given (not a batched task): no fill
+    assert t.batch_fill() == {"proj.embed": 0.25}
+
+
+def test_costs_add_up_per_task() -> None:
+    t = Telemetry()
+    t.cost("proj.embed", 64, 0.5, None)
+    t.cost("proj.embed", 32, 0.25, 30.0)
+    t.cost("proj.plain", 1, 0.01, None)
+    assert t.costs() == {"proj.embed": {"items": 96, "device_s": 0.75, "energy_j": 30.0},
+                         "proj.plain": {"items": 1, "device_s": 0.01, "energy_j": None}}
 
 
 class FakeNVML:

@@ -36,3 +36,42 @@ def test_caps_are_per_task_and_device() -> None:
     assert book.cap("other", "fake:0", 64) == 64
     assert book.cap("b", "fake:0", 4) == 4
     assert book.info()["batch_caps"] == {"b@fake:0": 8}
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_cap_grows_back_by_doubling_after_each_quiet_period() -> None:
+    clock = Clock()
+    book = MemoryBook(quiet=300, clock=clock)
+    book.fit("b", "fake:0", 8)
+    assert book.cap("b", "fake:0", 64) == 8
+    clock.now += 299
+    assert book.cap("b", "fake:0", 64) == 8, "not quiet long enough yet"
+    clock.now += 1
+    assert book.cap("b", "fake:0", 64) == 16
+    clock.now += 300
+    assert book.cap("b", "fake:0", 64) == 32
+    book.fit("b", "fake:0", 24)  # another split: the cap is what fit, and the quiet period starts again
+    clock.now += 299
+    assert book.cap("b", "fake:0", 64) == 24
+    clock.now += 301 + 300  # two more periods: 48, then 96 -> the whole batch, and the cap is gone
+    assert book.cap("b", "fake:0", 64) == 64
+    assert book.info()["batch_caps"] == {}
+    clock.now += 1
+    assert book.cap("b", "fake:0", 64) == 64
+
+
+def test_without_a_quiet_period_a_cap_stays() -> None:
+    clock = Clock()
+    book = MemoryBook(quiet=0, clock=clock)
+    book.fit("b", "fake:0", 8)
+    clock.now += 10**6
+    assert book.cap("b", "fake:0", 64) == 8
