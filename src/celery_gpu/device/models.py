@@ -83,7 +83,7 @@ class ModelCache:
                            "trying again", self.label, spec.name)
             self._evict(list(self.resident.bytes))
             return self._load(spec)
-        measured = max(0, memory.allocated(self.device.kind) - before)
+        measured = max(0, memory.allocated(self.device.kind) - before, _tensor_bytes(obj))
         size = spec.memory if spec.memory is not None else measured
         logger.info("celery-gpu: %s loaded model %s (%s, %.2fs)", self.label, spec.name, human_bytes(size),
                     time.monotonic() - started)
@@ -115,3 +115,15 @@ def lookup(specs: dict[str, ModelSpec], name: str) -> Any:
     if ctx.models is None:
         ctx.models = ModelCache(specs, discover("cpu")[0])
     return ctx.models.get(name)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of a torch module's parameters and buffers (0 for anything else). On the CPU device the resident-memory
+    growth can miss a model whose tensors reuse memory the allocator had already taken from the system."""
+    params, buffers = getattr(obj, "parameters", None), getattr(obj, "buffers", None)
+    if not callable(params) or not callable(buffers):
+        return 0
+    try:
+        return sum(int(t.nelement()) * int(t.element_size()) for t in (*params(), *buffers()))
+    except (TypeError, AttributeError, RuntimeError):
+        return 0
