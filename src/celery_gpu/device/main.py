@@ -27,7 +27,7 @@ from ..settings import Settings
 from ..wire import protocol
 from ..wire.appref import import_app
 from ..wire.frames import Channel
-from . import context, cost, faults, memory
+from . import context, cost, faults, memory, tracing
 from .batch import run_batch
 from .context import DeviceContext
 from .models import ModelCache
@@ -111,6 +111,7 @@ def _start(ctx: DeviceContext, spec: protocol.StartSpec, send: Send) -> Any:
         if spec.threads and "torch" in sys.modules:  # the CPU device's thread budget (its variables are set
             sys.modules["torch"].set_num_threads(spec.threads)  # already, for a torch imported later)
         set_current(spec.device)
+        tracing.brief_array_reprs()
         signals.worker_process_init.send(sender=None)
         record = record_of(app)
         for hook in record.setup_hooks if record is not None else ():

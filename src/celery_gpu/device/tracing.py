@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import MalformedTaskMessage
 from ..payload import claims
+from ..tasks.submit import brief_array
 from ..wire import protocol
 from ..wire.body import body_problem
 from ..wire.failures import describe_failure
@@ -19,7 +20,26 @@ from . import memory
 from .context import DeviceContext
 from .recovery import protect
 
-__all__ = ["decode", "refuse", "run_task", "trace"]
+__all__ = ["brief_array_reprs", "decode", "refuse", "run_task", "trace"]
+
+
+def brief_array_reprs() -> None:
+    """In this process, Celery's ``saferepr`` shows an array by its shape and dtype (``<ndarray shape=(1, 512)
+    dtype=float32>``) wherever it meets one: the return value its tracer formats for every task (the request's
+    log line, the ``task-succeeded`` event's ``result``). numpy's own repr of a 1x512 array took 2.6 ms, more
+    than all the rest of an item's way through a device process."""
+    from celery.utils import saferepr as module
+
+    original = module._repr
+    if getattr(original, "celery_gpu_brief", False):
+        return
+
+    def brief_repr(obj: Any) -> str:
+        brief = brief_array(obj)
+        return original(obj) if brief is None else brief
+
+    brief_repr.celery_gpu_brief = True  # type: ignore[attr-defined]
+    module._repr = brief_repr
 
 
 def _accept(ctx: DeviceContext, app: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.result import ResultSet
 
-__all__ = ["SUBMIT_OPTIONS", "GPUTaskMixin", "ItemResults", "with_mixin"]
+__all__ = ["SUBMIT_OPTIONS", "GPUTaskMixin", "ItemResults", "brief_array", "with_mixin"]
 
 _classes: dict[type, type] = {}
 
@@ -143,6 +143,14 @@ def _is_array(value: Any) -> bool:
         module.startswith(("torch", "cupy")) and hasattr(value, "shape") and hasattr(value, "dtype"))
 
 
+def brief_array(value: Any) -> str | None:
+    """``<ndarray shape=(1, 512) dtype=float32>`` for a numpy/torch/CuPy array, else None: numpy's own repr of a
+    1x512 array costs about 2.6 ms (it formats every element below a thousand)."""
+    if not _is_array(value):
+        return None
+    return f"<{type(value).__name__} shape={tuple(value.shape)} dtype={value.dtype}>"
+
+
 _LONG = 16  # a list or tuple argument longer than this is shown by its first items and its length
 
 
@@ -160,8 +168,9 @@ def _brief_values(values: Any) -> str | None:
     from celery.utils.saferepr import saferepr
 
     def one(v: Any) -> str:
-        if _is_array(v):
-            return f"<{type(v).__name__} shape={tuple(v.shape)} dtype={v.dtype}>"
+        brief = brief_array(v)
+        if brief is not None:
+            return brief
         if _is_long(v):
             return f"[{', '.join(repr(x)[:32] for x in v[:4])}, ... {len(v)} items]"
         return str(saferepr(v, maxlen=64))

@@ -16,6 +16,9 @@ from ..wire import protocol
 
 __all__ = ["Batch", "Job", "Runner", "Work"]
 
+#: Keys of Celery's request dict that hold the decoded body: not sent to a device process, which decodes it.
+_DECODED = frozenset({"args", "kwargs"})
+
 
 class Runner(Protocol):
     """Where work runs (a :class:`~celery_gpu.worker.process.Slot`), as far as the work needs to know."""
@@ -184,8 +187,12 @@ class Job:
         return bool(request is not None and hasattr(request, "revoked") and request.revoked())
 
     def item(self) -> protocol.Item:
-        """The task as plain data for a device process."""
-        return protocol.item(self.task_id, self.request, self.body, self.content_type, self.content_encoding)
+        """The task as plain data for a device process: Celery's request without the arguments it decoded (the
+        device process decodes the body itself; numpy arrays among them cost milliseconds each to pack as text)."""
+        request = self.request
+        if "args" in request or "kwargs" in request:
+            request = {k: v for k, v in request.items() if k not in _DECODED}
+        return protocol.item(self.task_id, request, self.body, self.content_type, self.content_encoding)
 
     def frame(self) -> protocol.RunFrame:
         """The ``run`` frame sent to a device process."""

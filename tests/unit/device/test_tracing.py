@@ -85,3 +85,19 @@ def test_a_body_celery_decoded_already_runs(app: tuple[Celery, Any, Any]) -> Non
              for i in range(2)]
     frame: Any = {"t": "batch", "job": 2, "name": batched.name, "items": items}
     assert [o["retval"] for o in run_batch(DeviceContext(), celery, frame, "unit@test")["items"]] == ["0", "10"]
+
+
+def test_celery_shows_an_array_result_by_shape_and_dtype_in_a_device_process() -> None:
+    import numpy as np
+    from celery.utils.saferepr import saferepr
+
+    from celery_gpu.device.tracing import brief_array_reprs
+
+    value = np.zeros((1, 512), dtype=np.float32)
+    assert saferepr(value, 1024).startswith("array(")  # numpy's own repr: every element, milliseconds
+    brief_array_reprs()
+    brief_array_reprs()  # once is enough; twice changes nothing
+    assert saferepr(value, 1024) == "<ndarray shape=(1, 512) dtype=float32>"
+    assert saferepr([value, {"k": value}, 3], 1024) == \
+        "[<ndarray shape=(1, 512) dtype=float32>, {'k': <ndarray shape=(1, 512) dtype=float32>}, 3]"
+    assert saferepr({"a": 1.5}, 1024) == "{'a': 1.5}"  # anything else as Celery shows it

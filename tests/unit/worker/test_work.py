@@ -37,6 +37,16 @@ def test_job_frame() -> None:
                            "content_type": "application/json", "content_encoding": "utf-8"}
 
 
+def test_job_frame_leaves_out_the_arguments_celery_decoded() -> None:
+    # Celery's request dict holds the decoded args and kwargs; the device process decodes the body itself, and
+    # a numpy array among them would be packed as its (milliseconds-long) repr.
+    request = {"id": "abc", "task": "t.add", "headers": {}, "args": [[1.0] * 512], "kwargs": {"k": 1}}
+    job = Job(5, ("t.add", "abc", request, b"[[1], {}, {}]", "application/json", "utf-8"), 0, None, None, None,
+              None, None, None)
+    assert job.frame()["request"] == {"id": "abc", "task": "t.add", "headers": {}}
+    assert "args" in request and "kwargs" in request  # Celery's own dict is left as it was
+
+
 def test_job_frame_turns_a_memoryview_body_into_bytes() -> None:
     frame = _job(body=memoryview(b"[[1], {}, {}]")).frame()
     assert type(frame["body"]) is bytes
