@@ -47,6 +47,8 @@ _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few d
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors are not inherited by subprocesses
 
 Blob = bytes | bytearray | memoryview
+_CONTAINERS = (dict, list, tuple)
+_STRINGS = (str, bytes, bytearray, memoryview)
 
 
 def _fallback(obj: Any) -> Any:
@@ -140,7 +142,8 @@ class Channel:
 
     def _externalize(self, obj: Any, big: list[Blob], end: list[int], threshold: int) -> Any:
         """``obj`` with each long byte string replaced by a reference to where :meth:`_place` will put it
-        (``end[0]``: the bytes placed so far)."""
+        (``end[0]``: the bytes placed so far). Containers without one are returned as they are (not copied), and
+        only containers and long strings are visited: a batch frame's many small request dicts cost little."""
         code = _SHM_EXT
         if isinstance(obj, str) and len(obj) >= threshold:
             obj, code = obj.encode("utf-8", "surrogatepass"), _SHM_STR_EXT
@@ -150,9 +153,25 @@ class Channel:
             end[0] += len(obj)
             return ref
         if isinstance(obj, dict):
-            return {k: self._externalize(v, big, end, threshold) for k, v in obj.items()}
+            out: dict[Any, Any] | None = None
+            for k, v in obj.items():
+                if isinstance(v, _CONTAINERS) or (isinstance(v, _STRINGS) and len(v) >= threshold):
+                    new = self._externalize(v, big, end, threshold)
+                    if new is not v:
+                        if out is None:
+                            out = dict(obj)
+                        out[k] = new
+            return obj if out is None else out
         if isinstance(obj, (list, tuple)):
-            return [self._externalize(v, big, end, threshold) for v in obj]
+            items: list[Any] | None = None
+            for i, v in enumerate(obj):
+                if isinstance(v, _CONTAINERS) or (isinstance(v, _STRINGS) and len(v) >= threshold):
+                    new = self._externalize(v, big, end, threshold)
+                    if new is not v:
+                        if items is None:
+                            items = list(obj)
+                        items[i] = new
+            return obj if items is None else items
         return obj
 
     def _place(self, big: list[Blob]) -> list[int]:

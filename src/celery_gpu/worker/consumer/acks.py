@@ -93,8 +93,13 @@ class AckBuffer:
         try:
             with channel.conn_or_acquire() as client:
                 pipe = client.pipeline()
-                for message, _, _ in todo:
-                    qos._remove_from_indices(message.delivery_tag, pipe)
+                tags = [message.delivery_tag for message, _, _ in todo]
+                index_key, unacked_key = getattr(qos, "unacked_index_key", None), getattr(qos, "unacked_key", None)
+                if index_key and unacked_key:  # kombu's own two writes per ack, for every message at once
+                    pipe.zrem(index_key, *tags).hdel(unacked_key, *tags)
+                else:
+                    for tag in tags:
+                        qos._remove_from_indices(tag, pipe)
                 pipe.execute()
         except Exception as exc:  # as Message.ack_log_error: a broken connection is logged, never raised here
             if errors and isinstance(exc, errors):

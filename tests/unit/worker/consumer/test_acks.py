@@ -54,6 +54,7 @@ def test_acks_on_redis_leave_the_unacked_index_in_one_pipeline(embedded_url: str
         scheduled.pop()()
         tags = [m.delivery_tag for m in messages]
         assert not any(client.hexists(channel.unacked_key, t) for t in tags)
+        assert not any(client.zscore(channel.unacked_index_key, t) is not None for t in tags)  # both of kombu's writes
         assert all(m.acknowledged for m in messages) and buf.acked == 6
         qos = channel.qos  # kombu forgets acked tags lazily: acked means marked dirty, or gone
         assert all(t in qos._dirty or t not in qos._delivered for t in tags)
