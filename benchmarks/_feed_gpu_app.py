@@ -18,6 +18,7 @@ from benchmarks._feed_model import (
     BATCH,
     BROKER_ENV,
     MAX_WAIT_MS,
+    NOOP_ONLY_ENV,
     app_conf,
     load_mlp,
     mlp_batch,
@@ -34,7 +35,8 @@ gpu = GPU(app)
 
 @gpu.setup
 def load(device: Any) -> None:
-    device.state["model"] = load_mlp(device.torch)
+    if os.environ.get(NOOP_ONLY_ENV) != "1":  # benchmarks/topology.py: the no-op only, on fake devices
+        device.state["model"] = load_mlp(device.torch)
 
 
 @gpu.task(batch=BATCH, max_wait_ms=MAX_WAIT_MS)

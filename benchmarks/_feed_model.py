@@ -23,6 +23,8 @@ SERIALIZERS = {"arrays": "celery-gpu-arrays", "json": "json"}
 MODELS = ("noop", "mlp")
 #: Environment of the apps: broker URL, result backend URL, torch device of the plain worker and the client.
 BROKER_ENV, BACKEND_ENV, DEVICE_ENV = "FEED_BROKER", "FEED_BACKEND", "FEED_DEVICE"
+#: ``1``: the celery-gpu worker loads no MLP (only its no-op task is used; fake devices have no torch device).
+NOOP_ONLY_ENV = "FEED_NOOP_ONLY"
 
 
 def app_conf() -> dict[str, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgpack
+
 from ..errors import MalformedTaskMessage
 from ..payload import claims
 from ..tasks.submit import brief_array
@@ -62,6 +64,8 @@ def decode(ctx: DeviceContext, app: Any, name: str, item: protocol.Item) -> tupl
         body = bytes(body)  # text serializers want bytes; binary ones (arrays, msgpack) decode the view itself
     if item["content_type"] is None and isinstance(body, (list, tuple)):
         decoded = body  # Celery decoded it already (a protocol-1 message, converted by its strategy)
+    elif item["content_type"] == protocol.DECODED:  # the main process decoded it (a JSON body): msgpack of it
+        decoded = msgpack.unpackb(body, raw=False)
     else:
         decoded = loads(  # type: ignore[no-untyped-call]
             body, item["content_type"], item["content_encoding"], accept=_accept(ctx, app),

@@ -48,6 +48,10 @@ SPEC_ENV = "CELERY_GPU_SLOT"
 HEARTBEAT_EVERY = 1.0
 #: Seconds a device process may take to read or write one frame before it is treated as dead and replaced.
 PIPE_TIMEOUT = 60.0
+#: Content type of a task body the main process already decoded, sent as msgpack of ``[args, kwargs, embed]``
+#: (a JSON body: decoding it again in the device process cost more than the rest of the item's way there).
+#: Private to the pipe: kombu knows no such serializer, so no broker message reaches the pool with it.
+DECODED = "application/x-celery-gpu-decoded"
 #: Exit status of a device process whose setup hook raised (after its ``setup_failed`` frame).
 EXIT_SETUP_FAILED = 3
 #: Exit status of a device process that failed to start by injected fault (``fail_start``).

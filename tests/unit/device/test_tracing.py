@@ -101,3 +101,22 @@ def test_celery_shows_an_array_result_by_shape_and_dtype_in_a_device_process() -
     assert saferepr([value, {"k": value}, 3], 1024) == \
         "[<ndarray shape=(1, 512) dtype=float32>, {'k': <ndarray shape=(1, 512) dtype=float32>}, 3]"
     assert saferepr({"a": 1.5}, 1024) == "{'a': 1.5}"  # anything else as Celery shows it
+
+
+def test_a_body_the_main_process_decoded_runs_plain_or_batched_and_a_bad_one_fails_by_name(
+        app: tuple[Celery, Any, Any]) -> None:
+    import msgpack
+
+    celery, plain, batched = app
+
+    def decoded(uuid: str, body: Any) -> protocol.Item:
+        return protocol.item(uuid, {"id": uuid}, msgpack.packb(body), protocol.DECODED, "binary")
+
+    done = run_task(DeviceContext(), celery, {"t": "run", "job": 1, "name": plain.name,
+                                              **decoded("d-1", [[4], {}, None])}, "unit@test")
+    assert not done["failed"] and done["retval"] == "5", done
+    items = [decoded(f"d-b{i}", [[i], {}, {"callbacks": None}]) for i in range(2)] + [decoded("d-bad", [[1], {}])]
+    frame: Any = {"t": "batch", "job": 2, "name": batched.name, "items": items}
+    outcomes = run_batch(DeviceContext(), celery, frame, "unit@test")["items"]
+    assert [o.get("retval") for o in outcomes[:2]] == ["0", "10"]
+    assert outcomes[2]["failed"] and outcomes[2]["exc"]["type"] == "MalformedTaskMessage"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -45,6 +46,42 @@ def test_job_frame_leaves_out_the_arguments_celery_decoded() -> None:
               None, None, None)
     assert job.frame()["request"] == {"id": "abc", "task": "t.add", "headers": {}}
     assert "args" in request and "kwargs" in request  # Celery's own dict is left as it was
+
+
+class _Message:
+    def __init__(self, payload: Any) -> None:
+        self._decoded_cache = payload
+
+
+class _Request:  # what the pool knows of Celery's Request: its accept callback's owner, with its message
+    def __init__(self, payload: Any) -> None:
+        self.message = _Message(payload)
+
+    def on_accepted(self, *args: Any) -> None:
+        pass
+
+
+def _json_job(payload: Any) -> Job:
+    body = b"the JSON body"  # not read: the decoded payload is used where msgpack carries it exactly
+    return Job(5, ("t.add", "abc", {"id": "abc"}, body, "application/json", "utf-8"), 0, None,
+               _Request(payload).on_accepted, None, None, None, None)
+
+
+def test_a_json_body_goes_to_the_device_process_decoded_once() -> None:
+    import msgpack
+
+    from celery_gpu.wire import protocol
+
+    payload = [[[0.5] * 512, "x", b"raw", None, 2**63], {"k": {"n": 1}}, {"callbacks": None, "chain": None}]
+    frame = _json_job(payload).frame()
+    assert frame["content_type"] == protocol.DECODED and frame["content_encoding"] == "binary"
+    assert msgpack.unpackb(frame["body"], raw=False) == payload
+
+
+@pytest.mark.parametrize("odd", [datetime(2026, 1, 1, tzinfo=timezone.utc), uuid.uuid4(), 2**70, "\ud800"])
+def test_a_json_body_msgpack_cannot_carry_exactly_goes_as_it_came(odd: Any) -> None:
+    frame = _json_job([[odd], {}, None]).frame()
+    assert (frame["body"], frame["content_type"]) == (b"the JSON body", "application/json")
 
 
 def test_job_frame_turns_a_memoryview_body_into_bytes() -> None:
