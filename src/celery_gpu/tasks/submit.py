@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.result import ResultSet
 
-__all__ = ["SUBMIT_OPTIONS", "GPUTaskMixin", "ItemResults", "brief_array", "with_mixin"]
+__all__ = ["SUBMIT_OPTIONS", "GPUTaskMixin", "ItemResults", "with_mixin"]
 
 _classes: dict[type, type] = {}
 
