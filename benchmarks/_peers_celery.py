@@ -23,6 +23,7 @@ from benchmarks.harness import (
     batching_stats,
     broker_cpu_probe,
     celery_worker,
+    check_outputs,
     child_env,
     collect,
     descendants,
@@ -41,6 +42,7 @@ BATCHES_QUEUE = "peers-celery-batches"
 BATCHES_MLP = "peers_batches.mlp"
 BATCHES_WHOAMI = "peers_batches.whoami"
 BATCHES_STATS_KEY = "peers-celery-batches-stats"
+PACK = 256  # items per broker message on the packed path (submit_many(items, pack=PACK), where celery-gpu has it)
 BATCHES_PREFETCH = 128  # worker_prefetch_multiplier: 2 children x 128 = 2 full batches per child
 
 
@@ -72,7 +74,10 @@ class CeleryStack(Stack):
 
     def throughput(self, path: str, items: list[list[float]]) -> tuple[float, list[float]]:
         started = time.perf_counter()
-        result_set = send(self.tasks[path], items, path == "celery_gpu_bulk")
+        if path == "celery_gpu_packed":  # many items per broker message (issue 18)
+            result_set = self.tasks[path].submit_many(items, pack=PACK)
+        else:
+            result_set = send(self.tasks[path], items, path == "celery_gpu_bulk")
         values = [float(v) for v in collect(result_set, self.worker)]
         return time.perf_counter() - started, values
 
@@ -183,6 +188,10 @@ def celery_gpu_stack(url: str, paths: list[str], inputs: list[list[float]], refe
             stats = batching_stats(task.app, worker.hostname, task.name)
             return int(stats.get("items", 0)), int(stats.get("batches", 0))
 
+        if "celery_gpu_packed" in by_path:  # the packed path's own way through the worker, warmed and checked too
+            packed = by_path["celery_gpu_packed"]
+            items = [inputs[i % len(inputs)] for i in range(len(inputs) + warmup)]
+            check_outputs("celery_gpu_packed", collect(packed.submit_many(items, pack=PACK), worker), reference)
         yield CeleryStack("celery_gpu", worker, by_path, info.ready_s,
                           {"app": GPU_APP, "CELERY_GPU_DEVICES": "cpu", "CELERY_GPU_PER_DEVICE": per_device,
                            "batch": BATCH_SIZE, "max_wait_ms": MAX_WAIT_MS}, counters)

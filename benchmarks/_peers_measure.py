@@ -97,8 +97,9 @@ def measure_throughput(stacks: dict[str, Stack], figures: dict[str, PathFigures]
 
 def measure_latency(stacks: dict[str, Stack], figures: dict[str, PathFigures], inputs: list[list[float]],
                     reference: list[float], sizes: Sizes, rate: float) -> None:
-    """The open loop at ``rate`` in ``sizes.segments`` segments, every path once per segment, the order rotating."""
-    names = list(figures)
+    """The open loop at ``rate`` in ``sizes.segments`` segments, every path once per segment, the order rotating
+    (not the packed path: one item at a time, a pack of one is the bulk path)."""
+    names = [n for n in figures if n != "celery_gpu_packed"]
     per_segment = max(1, sizes.open_loop // sizes.segments)
     for segment in range(sizes.segments):
         print(f"\n[latency at {rate:g} items/s, segment {segment + 1}/{sizes.segments}: {per_segment} items per "

@@ -5,6 +5,8 @@ float32, ``torch.set_num_threads(1)`` in every process that runs it, one 1x512 i
 floats, one float back: the sum of the output) through these paths, with two model processes (or replicas)
 each, and a batch of 64 with a 5 ms wait wherever the tool batches:
 
+0. ``celery_gpu_packed``: the worker of 1., items sent with ``submit_many(items, pack=256)`` (256 items per broker
+   message, each still a task of its own), where celery-gpu has packed submission (issue 18); skipped otherwise.
 1. ``celery_gpu_bulk``: a celery-gpu worker (``CELERY_GPU_DEVICES=cpu CELERY_GPU_PER_DEVICE=2``), the batched task
    ``@gpu.task(batch=64, max_wait_ms=5)`` of ``benchmarks._batching_gpu_app``, items sent with ``submit_many``.
 2. ``celery_gpu_delay``: the same worker and task, one ``.delay(x)`` per item.
@@ -39,7 +41,7 @@ Every output is checked against the reference computed here (relative tolerance 
 run. A peer whose virtualenv cannot be built (no network, say) or whose worker does not start is reported in
 ``skipped`` with the reason, and the run goes on. The last line printed is one JSON object (also written to
 ``--out``), with ``ratio_vs_celery_batches``, ``ratio_vs_ray_serve`` and ``ratio_vs_plain_celery``:
-``celery_gpu_bulk`` items/s over each.
+the best celery-gpu path's items/s over each (``best_celery_gpu_path`` names it: packed, where it ran).
 
 Usage::
 
@@ -99,9 +101,10 @@ from benchmarks.harness import (  # noqa: E402
     source_state,
 )
 
-PATHS = ("celery_gpu_bulk", "celery_gpu_delay", "celery_batches", "ray_serve", "plain_celery", "subprocess",
-         "process")
-LOOP_PATHS = ("celery_gpu_bulk", "celery_gpu_delay", "celery_batches", "ray_serve", "plain_celery")
+PATHS = ("celery_gpu_packed", "celery_gpu_bulk", "celery_gpu_delay", "celery_batches", "ray_serve", "plain_celery",
+         "subprocess", "process")
+LOOP_PATHS = ("celery_gpu_packed", "celery_gpu_bulk", "celery_gpu_delay", "celery_batches", "ray_serve",
+              "plain_celery")
 NAIVE_PATHS = ("subprocess", "process")
 IDLE_S = 5.0  # seconds over which each worker's idle CPU is measured
 
@@ -154,7 +157,10 @@ def start_stacks(exit_stack: contextlib.ExitStack, url: str, paths: list[str], a
     """Start and warm up every worker (and the Ray cluster) that ``paths`` need, one after another, for as long as
     ``exit_stack``; a peer that does not start is noted in ``skipped``."""
     stacks: dict[str, Stack] = {}
-    gpu_paths = [p for p in paths if p in ("celery_gpu_bulk", "celery_gpu_delay")]
+    gpu_paths = [p for p in paths if p.startswith("celery_gpu")]
+    if "celery_gpu_packed" in gpu_paths and not supports_pack():
+        skipped["celery_gpu_packed"] = "this celery-gpu has no packed submission (submit_many(items, pack=...))"
+        gpu_paths.remove("celery_gpu_packed")
     if gpu_paths:
         print(f"\n[celery-gpu worker: {', '.join(gpu_paths)}]", flush=True)
         stacks["celery_gpu"] = exit_stack.enter_context(
@@ -180,6 +186,15 @@ def start_stacks(exit_stack: contextlib.ExitStack, url: str, paths: list[str], a
         print("\n[plain Celery worker]", flush=True)
         stacks["plain_celery"] = exit_stack.enter_context(plain_stack(url, inputs, reference, sizes.warmup, log_dir))
     return stacks
+
+
+def supports_pack() -> bool:
+    """Whether this celery-gpu has packed submission (``submit_many(items, pack=...)``, issue 18)."""
+    import inspect
+
+    from celery_gpu.tasks.submit import GPUTaskMixin
+
+    return "pack" in inspect.signature(GPUTaskMixin.submit_many).parameters
 
 
 def record_idle(stacks: dict[str, Stack], stacks_info: dict[str, dict[str, Any]]) -> None:
