@@ -114,7 +114,7 @@ class Sizes:
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
-        return cls(2000, 384, 1, 100, 40, 64) if quick else cls(5000, 1024, 3, 300, 150, 256)
+        return cls(2000, 384, 1, 60, 40, 64) if quick else cls(5000, 1024, 3, 300, 150, 256)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
