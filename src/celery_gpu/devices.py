@@ -2,7 +2,8 @@
 
 Three kinds share one type: NVML-discovered CUDA GPUs, the CPU, and fake devices (``fake:4x16GiB``) that
 behave like GPUs for scheduling and pinning so that everything can be tested on a machine without a GPU.
-Discovery never creates a CUDA context: it reads NVML only, so the worker's main process stays CUDA-free.
+Discovery never creates a CUDA context: it reads NVML only, so the worker's main process holds no context and maps
+no framework (NVML itself maps the driver library, ``libcuda``, on current drivers; tests/gpu/cuda_free.py).
 """
 
 from __future__ import annotations

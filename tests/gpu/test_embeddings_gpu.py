@@ -1,6 +1,6 @@
 """The embedding example on a real GPU: the worker's device process runs all-MiniLM-L6-v2 on ``cuda:0`` behind the
-FastAPI app; its answers equal sentence-transformers' on the same GPU, and the worker's main process never maps
-CUDA (run only where a CUDA GPU, torch with CUDA and the example's packages are present)."""
+FastAPI app; its answers equal sentence-transformers' on the same GPU, and the worker's main process holds no
+CUDA context (run only where a CUDA GPU, torch with CUDA and the example's packages are present)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from celery_gpu.devices import discover
 from tests.brokers import make
 from tests.examples.conftest import start_service, stop_service, wait_service
+from tests.gpu.cuda_free import assert_cuda_free
 
 GPUS = [d for d in discover("all") if d.kind == "cuda"]
 pytestmark = [
@@ -55,7 +56,6 @@ def test_the_embedding_service_runs_the_model_on_the_gpu(embedded_url: str, tmp_
         assert [d["device"] for d in pool["devices"]] == [GPUS[0].label], pool
         assert {s["cuda_visible_devices"] for d in pool["devices"] for s in d["slots"]} == {str(GPUS[0].index)}
         assert service.worker.proc is not None
-        maps = Path(f"/proc/{service.worker.proc.pid}/maps").read_text()
-        assert "libcuda" not in maps, "the worker's main process must never touch CUDA"
+        assert_cuda_free(service.worker.proc.pid, service.worker.child_pids())
     finally:
         stop_service(service)
