@@ -54,6 +54,84 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class OwnRedis:
+    """A redis-server of our own (AOF on) on ``port``, bound to ``binds``; :meth:`restart` keeps its data."""
+
+    def __init__(self, port: int | None = None, binds: tuple[str, ...] = ("127.0.0.1",)) -> None:
+        self.port = port or free_port()
+        self.binds = binds
+        self.dir = Path(tempfile.mkdtemp(prefix="cgpu-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def url(self, db: int, addr: str = "127.0.0.1") -> str:
+        return f"redis://{addr}:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", *self.binds, "--protected-mode", "no",
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, down: float = 1.0) -> None:
+        """Stop the server (its clients' connections drop), wait ``down`` seconds, start it on its data."""
+        self.stop()
+        time.sleep(down)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Relay:
+    """A TCP forwarder (``socat``) from ``listen:port`` to ``target``; :meth:`drop` cuts every connection
+    through it (the process group dies), :meth:`start` listens again."""
+
+    def __init__(self, listen: str, port: int, target: tuple[str, int]) -> None:
+        self.listen, self.port, self.target = listen, port, target
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["socat", f"TCP-LISTEN:{self.port},bind={self.listen},fork,reuseaddr",
+             f"TCP:{self.target[0]}:{self.target[1]}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if subprocess.run(["ss", "-ltnH", f"sport = :{self.port}"], capture_output=True, text=True).stdout.strip():
+                return
+            time.sleep(0.05)
+
+    def drop(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait()
+            self.proc = None
+
+
 class Hosts:
     """``n`` hosts (namespaces) linked to the root namespace, a Redis for them, RabbitMQ forwarders."""
 
@@ -62,17 +140,19 @@ class Hosts:
         self.net = random.randrange(1, 250)
         self.names = [f"cgpu{self.tag}{i}" for i in range(n)]
         self.links = [f"cg{self.tag}{i}r" for i in range(n)]
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._dir = Path(tempfile.mkdtemp(prefix="cgpu-hosts-"))
-        self.redis_port = free_port()
+        self._relays: list[Relay] = []
+        self.redis: OwnRedis | None = None
         self.amqp_url = amqp_url
         self.amqp_port = free_port() if amqp_url else 0
         try:
             for i in range(n):
                 self._link(i)
-            self._start_redis()
+            self.redis = OwnRedis(binds=("127.0.0.1", *(self.root_addr(i) for i in range(n))))
+            self.redis_port = self.redis.port
             if amqp_url:
-                self._start_forwarders(amqp_url)
+                target = urlsplit(amqp_url)
+                self._relays = [Relay(self.root_addr(i), self.amqp_port,
+                                      (target.hostname or "127.0.0.1", target.port or 5672)) for i in range(n)]
         except BaseException:
             self.close()
             raise
@@ -91,29 +171,6 @@ class Hosts:
         _ip("addr", "add", f"10.231.{self.net}.{4 * i + 2}/30", "dev", peer, ns=ns)
         _ip("link", "set", peer, "up", ns=ns)
         _ip("link", "set", "lo", "up", ns=ns)
-
-    def _start_redis(self) -> None:
-        binds = ["127.0.0.1", *(self.root_addr(i) for i in range(len(self.names)))]
-        self._procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(self.redis_port), "--bind", *binds, "--protected-mode", "no",
-             "--save", "", "--appendonly", "yes", "--dir", str(self._dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the hosts' redis-server did not start")
-
-    def _start_forwarders(self, amqp_url: str) -> None:
-        target = urlsplit(amqp_url)
-        for i in range(len(self.names)):
-            self._procs.append(subprocess.Popen(
-                ["socat", f"TCP-LISTEN:{self.amqp_port},bind={self.root_addr(i)},fork,reuseaddr",
-                 f"TCP:{target.hostname or '127.0.0.1'}:{target.port or 5672}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def redis_url(self, db: int, host: int | None = None) -> str:
         """This Redis as seen from host ``host`` (None: from the root namespace)."""
@@ -144,19 +201,14 @@ class Hosts:
                     os.kill(int(pid), signal.SIGKILL)
                 except (OSError, ValueError):
                     pass
-        for proc in self._procs:
-            proc.terminate()
-        for proc in self._procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for relay in self._relays:
+            relay.drop()
+        if self.redis is not None:
+            self.redis.close()
         for link in self.links:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
         for ns in self.names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class HostWorker(Worker):

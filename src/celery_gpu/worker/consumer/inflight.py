@@ -13,7 +13,9 @@ owners whose lease is gone (the worker died, or lost its link to the broker for 
 their messages back in their queues, as kombu's restore does, one transaction each that checks the owner
 again (a message acked or taken by another worker meanwhile is left alone). At start, before it receives
 anything, a worker puts back what an earlier run under its own node name still held: that run is dead
-(Celery's node names are unique among live workers).
+(Celery's node names are unique among live workers). After a reconnect it puts back what it took and never
+delivered (a move whose reply was lost with the connection: the tags it holds that are not in
+:data:`DELIVERED`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import threading
 from typing import Any
 
-__all__ = ["LEASE_PREFIX", "OWNERS", "Lease", "own_removals"]
+__all__ = ["DELIVERED", "LEASE_PREFIX", "OWNERS", "Lease", "own_removals"]
 
 logger = logging.getLogger("celery_gpu.inflight")
 
@@ -33,6 +35,10 @@ OWNERS = "celery-gpu.inflight"
 LEASE_PREFIX = "celery-gpu.lease."
 
 
+#: Delivery tags this process received and handed to Celery, not yet acked, rejected or restored.
+DELIVERED: set[str] = set()
+
+
 def own_removals(qos: Any) -> None:
     """Make every removal of a message from ``qos``'s unacked index remove its owner too, in the same step."""
     if getattr(qos, "_celery_gpu_owners", False):
@@ -40,6 +46,7 @@ def own_removals(qos: Any) -> None:
     remove = qos._remove_from_indices
 
     def remove_with_owner(delivery_tag: Any, pipe: Any = None) -> Any:
+        DELIVERED.discard(str(delivery_tag))
         return remove(delivery_tag, pipe).hdel(OWNERS, delivery_tag)
 
     qos._remove_from_indices = remove_with_owner
@@ -112,6 +119,16 @@ class Lease:
             logger.warning("celery-gpu: could not take the in-flight lease yet", exc_info=True)
         self._thread = threading.Thread(target=self._run, name="celery-gpu-lease", daemon=True)
         self._thread.start()
+
+    def put_back_undelivered(self, channel: Any) -> int:
+        """After a reconnect: put back what this worker took and never delivered (the reply of a move lost
+        with the connection); what it delivered and still runs stays its own. Returns how many went back."""
+        lost = [t for t in held(channel).get(self.node, []) if t not in DELIVERED]
+        back = restore(channel, self.node, lost) if lost else 0
+        if back:
+            logger.warning("celery-gpu: put back %d messages taken just before the connection was lost", back)
+        self.restored += back
+        return back
 
     def renew(self) -> None:
         """Set the lease key with its time to live."""

@@ -28,7 +28,7 @@ from typing import Any
 from celery import bootsteps
 
 from .acks import keeps_unacked_index
-from .inflight import OWNERS, Lease, own_removals
+from .inflight import DELIVERED, OWNERS, Lease, own_removals
 
 __all__ = ["MULTI_KEY_WAIT", "BulkReceive", "atomic", "install", "installed"]
 
@@ -212,6 +212,7 @@ def _deliver_moved(channel: Any, reply: list[Any]) -> None:
         _write_index(channel, unindexed)
     if todo:
         channel._queue_cycle.rotate(todo[-1][0])
+    DELIVERED.update(str(payload["properties"]["delivery_tag"]) for _, payload in todo)
     with _index_written(channel.qos):
         for i, (dest, payload) in enumerate(todo):
             try:
@@ -388,9 +389,17 @@ class BulkReceive(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         logger.debug("celery-gpu: receiving %s, up to %d extra messages a time",
                      "atomically" if atomic(channel) else "after BRPOP", settings.bulk_receive)
-        if atomic(channel) and node and getattr(c, "_celery_gpu_lease", None) is None:
+        if not (atomic(channel) and node):
+            return
+        lease = getattr(c, "_celery_gpu_lease", None)
+        if lease is None:
             c._celery_gpu_lease = Lease(c.app, node, settings.inflight_lease)
             c._celery_gpu_lease.start()  # before the first receive: puts back what an earlier run held
+            return
+        try:  # a reconnect: before the new channel receives
+            lease.put_back_undelivered(channel)
+        except Exception:  # the broker went away again: the next reconnect tries again
+            logger.warning("celery-gpu: could not look for messages lost with the connection", exc_info=True)
 
     def shutdown(self, c: Any) -> None:
         lease = getattr(c, "_celery_gpu_lease", None)

@@ -229,3 +229,20 @@ def wait_for(check: Any, timeout: float = 5) -> Any:
             return value
         time.sleep(0.02)
     return check()
+
+
+def test_after_a_reconnect_only_what_was_never_delivered_goes_back(conn: Connection) -> None:
+    from celery import Celery
+
+    queue = fill(conn, 2)
+    node = f"re-{uuid.uuid4().hex[:6]}@t"
+    channel, got = consume(conn, queue, prefetch=None, bulk=0, owner=node)
+    conn.drain_events(timeout=5)  # the first message delivered (still running, unacked)
+    conn.transport.cycle.on_poll_start()  # the second taken ...
+    channel.client.connection.disconnect()  # ... its reply lost with the connection
+    assert wait_for(lambda: len(held(channel).get(node, [])) == 2)
+    lease = Lease(Celery(broker=conn.as_uri(include_password=True), set_as_current=False), node, 5)
+    assert lease.put_back_undelivered(channel) == 1
+    assert held(channel)[node] == [got[0].delivery_tag], "the delivered one stays held"
+    assert int(channel.client.llen(queue.name)) == 1, "the undelivered one is back in its queue"
+    got[0].ack()
