@@ -6,7 +6,9 @@ Scenarios, each on both brokers:
 
 * ``drop`` (item 1): the broker connection lost mid-run, ``faults`` times: Redis is restarted (a redis-server
   of our own, AOF on, ``appendfsync always``); RabbitMQ (shared: never restarted) is reached through a
-  ``socat`` relay whose connections are all dropped, then accepted again.
+  ``socat`` relay whose connections are all dropped, then accepted again. Results go to another Redis of
+  our own, which stays up (a result store that fails under a running task loses that result, as in stock
+  Celery without ``result_backend_always_retry``: not what is measured here).
 * ``kills`` (item 2): the worker's main process SIGKILLed at random moments (``kills`` times), a new worker
   started after each. Before each kill the main process is frozen at random moments, up to 10 times, and the
   broker read: the kill lands at the first freeze where a task is in no list, no unacked entry and has no
@@ -17,9 +19,11 @@ Scenarios, each on both brokers:
   (``tests/chaos/hosts.py``); skipped, with the reason, where namespaces cannot be made.
 
 Per scenario and in total: ``lost`` (tasks without a successful result at the end), ``run_twice`` (tasks the
-ledger shows started more than once), ``in_flight_at_faults`` (tasks started before a fault and finished
-after it: running at the fault; for ``link_cut``, what the cut host held), ``worker_exits`` (workers that
-exited by themselves), ``orphans`` (device processes alive 10 s after their main process was killed).
+ledger shows started more than once), ``in_flight_at_faults`` (messages the worker held, received and not
+acked, at each fault: Redis from the owners' hash, RabbitMQ from ``rabbitmqctl``; for ``link_cut``, what
+the cut host held), ``running_at_faults`` (tasks started before a fault whose result was stored after it),
+``worker_exits`` (workers that exited by themselves), ``orphans`` (device processes alive 10 s after their
+main process was killed).
 
 Usage::
 
@@ -36,6 +40,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +49,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` and ``tests.*`` importable
@@ -52,6 +57,7 @@ if str(REPO) not in sys.path:  # run as a script: make ``benchmarks.*`` and ``te
 
 from benchmarks.harness import command_line, emit, machine  # noqa: E402
 from benchmarks.harness.run import source_state  # noqa: E402
+from celery_gpu.worker.consumer.inflight import OWNERS  # noqa: E402
 from tests.brokers import Broker  # noqa: E402
 from tests.chaos.hosts import Hosts, OwnRedis, Relay, cut_scenario, free_port, unavailable  # noqa: E402
 from tests.worker import Worker, alive, wait_until  # noqa: E402
@@ -120,8 +126,9 @@ class Run:
                     runs.setdefault(task_id, []).append(entry["t"])
         return runs
 
-    def figures(self, faults: list[float], wait: float) -> dict[str, Any]:
-        """Wait up to ``wait`` s for every task, then count (``faults``: the times of the faults)."""
+    def figures(self, faults: list[float], wait: float, held: list[int]) -> dict[str, Any]:
+        """Wait up to ``wait`` s for every task, then count (``faults``: the times of the faults, ``held``:
+        what the worker held at each)."""
         wait_until(lambda: self.pending() == 0, wait)
         starts = self.starts()
         done: dict[str, float] = {}
@@ -136,8 +143,32 @@ class Run:
         running = sum(1 for t in faults for task_id, ts in starts.items()
                       if min(ts) <= t < done.get(task_id, float("inf")))
         return {"tasks": len(self.ids), "faults": len(faults), "lost": lost,
-                "run_twice": sum(len(ts) > 1 for ts in starts.values()), "in_flight_at_faults": running,
+                "run_twice": sum(len(ts) > 1 for ts in starts.values()),
+                "in_flight_at_faults": sum(max(h, 0) for h in held), "running_at_faults": running,
                 "worker_exits": self.exits, "orphans": 0}
+
+    def held(self, w: Worker) -> int:
+        """Messages ``w`` holds now (received, not acked): on Redis its entries in the owners' hash, on
+        RabbitMQ the queue's unacknowledged messages (``rabbitmqctl``; -1 where it cannot be asked)."""
+        if self.broker.name == "redis":
+            import redis
+
+            r = redis.Redis.from_url(self.broker.broker_url)
+            try:
+                return sum(v.decode() == w.name for v in r.hvals(OWNERS))
+            finally:
+                r.close()
+        vhost = unquote(urlsplit(self.broker.broker_url).path[1:]) or "/"
+        try:
+            out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
+                                  "messages_unacknowledged"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return -1
+        for line in out.splitlines():
+            name, _, count = line.partition("\t")
+            if name == self.queue and count.strip().isdigit():
+                return int(count)
+        return -1
 
     def close(self) -> None:
         for w in self.workers:
@@ -154,10 +185,10 @@ def _timestamp(value: Any) -> float:
 @contextmanager
 def brokers(which: str, amqp_url: str) -> Iterator[tuple[Broker, Callable[[], None]]]:
     """The broker of a scenario and its ``fault`` (drop every connection of the worker to it)."""
-    redis = OwnRedis()
+    redis, backend = OwnRedis(), OwnRedis()  # the results on a server of their own: only the broker fails
     try:
         if which == "redis":
-            yield Broker("redis", redis.url(0), redis.url(1)), lambda: redis.restart(1.0)
+            yield Broker("redis", redis.url(0), backend.url(1)), lambda: redis.restart(1.0)
             return
         target = urlsplit(amqp_url)
         relay = Relay("127.0.0.1", free_port(), (target.hostname or "127.0.0.1", target.port or 5672))
@@ -170,11 +201,12 @@ def brokers(which: str, amqp_url: str) -> Iterator[tuple[Broker, Callable[[], No
             relay.start()
 
         try:
-            yield Broker("rabbitmq", url, redis.url(1)), drop
+            yield Broker("rabbitmq", url, backend.url(1)), drop
         finally:
             relay.drop()
     finally:
         redis.close()
+        backend.close()
 
 
 def drop(which: str, amqp_url: str, tmp: Path, quick: bool, rng: random.Random) -> dict[str, Any]:
@@ -185,12 +217,14 @@ def drop(which: str, amqp_url: str, tmp: Path, quick: bool, rng: random.Random) 
             w = run.start()
             run.send(200 if quick else 600, pause=0.05)
             faults: list[float] = []
+            held: list[int] = []
             for _ in range(1 if quick else 3):
                 assert wait_until(lambda: run.pending() < len(run.ids), 60), w.log()[-3000:]
                 time.sleep(rng.uniform(0.5, 2.0))
+                held.append(run.held(w))
                 faults.append(time.time())
                 fault()
-            figures = run.figures(faults, 120)
+            figures = run.figures(faults, 120, held)
             run.exits += sum(x.proc is not None and x.proc.poll() is not None for x in run.workers)
             figures["worker_exits"] = run.exits
             return figures
@@ -224,6 +258,7 @@ def kills(which: str, amqp_url: str, tmp: Path, quick: bool, rng: random.Random)
     with brokers(which, amqp_url) as (broker, _):
         run = Run(broker, tmp, env)
         faults: list[float] = []
+        held: list[int] = []
         orphans = in_window = 0
         try:
             w = run.start(devices="fake:1")
@@ -241,6 +276,7 @@ def kills(which: str, amqp_url: str, tmp: Path, quick: bool, rng: random.Random)
                         in_window += 1
                         break
                     w.proc.send_signal(signal.SIGCONT)
+                held.append(run.held(w))  # frozen still: what it holds at the kill
                 faults.append(time.time())
                 w.proc.send_signal(signal.SIGKILL)
                 w.proc.send_signal(signal.SIGCONT)
@@ -250,7 +286,7 @@ def kills(which: str, amqp_url: str, tmp: Path, quick: bool, rng: random.Random)
                     orphans += sum(alive(p) for p in children)
                 w.stop()
                 w = run.start(devices="fake:1")
-            figures = run.figures(faults, 180)
+            figures = run.figures(faults, 180, held)
             figures.update(orphans=orphans, kills_in_brpop_window=in_window)
             return figures
         finally:
@@ -285,7 +321,7 @@ def garbage(which: str, amqp_url: str, tmp: Path, quick: bool, rng: random.Rando
                                                       content_type="application/json", content_encoding="binary")
                     run.send(20, pause=0.0)
                 channel.close()
-            figures = run.figures([], 60)
+            figures = run.figures([], 60, [])
             figures["good_done_s"] = round(time.time() - started, 1)
             figures["garbage"] = rounds * len(_GARBAGE)
             run.exits += sum(x.proc is not None and x.proc.poll() is not None for x in run.workers)
