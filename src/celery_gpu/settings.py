@@ -28,6 +28,7 @@ backlog_interval      ``gpu_backlog_interval``     ``CELERY_GPU_BACKLOG_INTERVAL
 model_wait            ``gpu_model_wait``           ``CELERY_GPU_MODEL_WAIT``        ``0.5``
 priority_aging        ``gpu_priority_aging``       ``CELERY_GPU_PRIORITY_AGING``    ``1.0``
 cpu_threads           ``gpu_cpu_threads``          ``CELERY_GPU_CPU_THREADS``       ``0`` (auto)
+inflight_lease        ``gpu_inflight_lease``       ``CELERY_GPU_INFLIGHT_LEASE``    ``30``
 ====================  ===========================  ===============================  =========
 """
 
@@ -92,6 +93,10 @@ class Settings:
         cpu_threads: CPU threads of each process on the CPU device (torch, OpenMP, MKL, OpenBLAS); 0: the
             worker's ``OMP_NUM_THREADS`` if set, else its cores divided among the CPU device's processes
             (:mod:`celery_gpu.worker.threads`).
+        inflight_lease: on a Redis broker, seconds a worker's lease on the messages it holds lasts without a
+            renewal (renewed every fifth of it): when a worker's lease lapses (it died, or lost its link to
+            the broker), another worker puts its messages back in their queues; a worker also puts back, at
+            start, what an earlier run under its name still held (:mod:`celery_gpu.worker.consumer.inflight`).
     """
 
     devices: str = "all"
@@ -117,6 +122,7 @@ class Settings:
     model_wait: float = 0.5
     priority_aging: float = 1.0
     cpu_threads: int = 0
+    inflight_lease: float = 30.0
 
     def __post_init__(self) -> None:
         if self.per_device < 1:
@@ -135,6 +141,8 @@ class Settings:
                      "model_wait", "priority_aging"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.inflight_lease <= 0:
+            raise ValueError(f"inflight_lease must be > 0, got {self.inflight_lease}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
 

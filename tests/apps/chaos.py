@@ -35,6 +35,11 @@ app.conf.update(
                               "unacked_mutex_expire": 5},
     result_expires=3600,
 )
+if os.environ.get("TEST_SOCKET_TIMEOUT"):  # a host that may be cut off: blocking reads give up, and reconnect
+    _timeout = float(os.environ["TEST_SOCKET_TIMEOUT"])
+    app.conf.broker_transport_options.update(socket_timeout=_timeout, socket_connect_timeout=_timeout)
+    app.conf.update(redis_socket_timeout=_timeout, redis_socket_connect_timeout=_timeout,
+                    broker_connection_timeout=_timeout, result_backend_always_retry=True)
 gpu = GPU(app)
 _calls = [0]
 

@@ -86,9 +86,9 @@ def test_worker_main_process_killed_with_acks_late(which: str, redis_broker: Bro
     """SIGKILL the worker's main process mid-run (acks_late): its device processes die with it, and a new
     worker completes every task.
 
-    On Redis the kill waits until the worker holds every message (no prefetch limit, the queue empty): kombu's
-    ``BRPOP`` loses a message when the main process dies between the pop and the unacked-index write, a window
-    this test would otherwise hit now and then; closing it is its own item (issue 17, item 2) with its own test.
+    On Redis the kill waits until the worker holds every message (no prefetch limit, the queue empty): the
+    messages come back from the unacked index. Kills at random moments of the receive are
+    ``tests/chaos/test_main_kills.py`` (issue 17, item 2).
     """
     broker = redis_broker if which == "redis" else rabbit_broker
     env = {"TEST_ACKS_LATE": "1", "TEST_VISIBILITY_TIMEOUT": "5"}
