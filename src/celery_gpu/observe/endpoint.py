@@ -42,6 +42,7 @@ STALE_AFTER = 30.0
 #: The paths the endpoint answers.
 PATHS = ("/metrics", "/ready", "/health")
 _StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+WSGIApp = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
 
 
 class PortInUse(OSError):
@@ -67,11 +68,12 @@ def _age(snap: Status | None) -> float | None:
     return None if snap is None else max(0.0, time.time() - float(snap["timestamp"]))
 
 
-def _app(snapshot: Snapshot, stale_after: float) -> Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]:
-    from .metrics import metrics_app
+def _not_found(environ: dict[str, Any], start: _StartResponse) -> Iterable[bytes]:
+    start("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"not found\n"]
 
-    metrics: Callable[[dict[str, Any], _StartResponse], Iterable[bytes]] = metrics_app(snapshot)
 
+def _app(snapshot: Snapshot, stale_after: float, metrics: WSGIApp) -> WSGIApp:
     def app(environ: dict[str, Any], start: _StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path not in ("/ready", "/health"):
@@ -113,16 +115,17 @@ class Endpoint:
 
 
 def start_endpoint(port: int, snapshot: Snapshot, addr: str = "0.0.0.0",
-                   stale_after: float = STALE_AFTER) -> Endpoint:
-    """Serve ``/metrics``, ``/ready`` and ``/health`` at ``http://addr:port`` (``port=0``: any free port, see
-    ``.port``). Raises :class:`PortInUse` when the port is taken."""
+                   stale_after: float = STALE_AFTER, metrics: WSGIApp = _not_found) -> Endpoint:
+    """Serve ``metrics`` (the WSGI app of ``/metrics``, from :mod:`.metrics`; any other path but the two below gets
+    it), ``/ready`` and ``/health`` at ``http://addr:port`` (``port=0``: any free port, see ``.port``). Raises
+    :class:`PortInUse` when the port is taken."""
     family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
     class Server(_Server):
         address_family = family
 
     try:
-        server = make_server(str(sockaddr[0]), port, _app(snapshot, stale_after), Server, handler_class=_Quiet)
+        server = make_server(str(sockaddr[0]), port, _app(snapshot, stale_after, metrics), Server, handler_class=_Quiet)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(exc.errno, f"the metrics port {addr}:{port} is already in use") from exc

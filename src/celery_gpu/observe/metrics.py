@@ -314,4 +314,4 @@ def start_exporter(port: int, snapshot: Snapshot, addr: str = "0.0.0.0") -> Metr
     Raises :class:`MetricsPortInUse` when the port is taken. Without prometheus-client the endpoint runs and
     ``/metrics`` answers 503 with how to install it.
     """
-    return start_endpoint(port, snapshot, addr=addr)
+    return start_endpoint(port, snapshot, addr=addr, metrics=metrics_app(snapshot))
